@@ -1,0 +1,1066 @@
+"""Instance Adaptive Adversarial Training (IAAT), in one readable file.
+
+Balaji, Goldstein & Hoffman, "Instance adaptive adversarial training: Improved accuracy
+tradeoffs in neural nets", arXiv 1910.08051. PGD adversarial training puts one L-inf radius
+around every training image; IAAT keeps a radius eps_i per image, grows it where the image
+survives a larger attack and shrinks it where another class lies close by (paper Alg 1 and 2).
+
+Run it (every flag has --help with its unit and paper source):
+
+    pip install -r requirements.txt -e .       # set-up (CPU or GPU)
+    python iaat.py                             # IAAT on the embedded digits data, CPU, ~1 min
+    python iaat.py --method at                 # Madry PGD-AT baseline at the same eps
+    python iaat.py --dataset cifar10           # paper Table 10 preset: PreAct ResNet-18, 200 ep
+    python iaat.py --dataset cifar100 --model wrn32-10
+
+Rerunning a command resumes its run folder (runs/<dataset>-<model>-<method>-seed<seed>).
+Use the two core functions from your own training code:
+
+    from iaat import pgd_attack, select_epsilon
+    eps_i = select_epsilon(model, x, y, mem[idx], gamma=1.9/255, beta=0.1)   # Alg 2
+    x_adv = pgd_attack(model, x, y, eps_i * correct)                         # Alg 1 l.7-10
+
+Units: images live in [0,1] and normalisation sits inside the model, so every eps, gamma and
+step size in the Python API is in pixel units ([0,1]). The CLI takes the paper's 0-255 units:
+`--eps-w 8` means 8/255.
+
+Sections, in reading order: config, data, models, attacks, epsilon selection, training,
+evaluation, checkpoints and outputs, CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
+Step = Union[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+# ============================================================================================
+# Config
+# ============================================================================================
+
+class IAATError(Exception):
+    """A user-facing error: the CLI prints its message on one line and exits non-zero."""
+
+
+def _opt(default, help: str, unit: str = ""):
+    """A config field whose docstring becomes its --help text; unit='/255' is entered in 0-255."""
+    return field(default=default, metadata={"help": help, "unit": unit})
+
+
+@dataclass
+class Config:
+    """All settings of one run. Values are in pixel units ([0,1]); the CLI divides /255 units."""
+    # what to train
+    dataset: str = _opt("digits", "digits (embedded scikit-learn data, no download), cifar10 or cifar100")
+    model: Optional[str] = _opt(None, "smallcnn, resnet18 (PreAct ResNet-18) or wrn32-10 "
+                                      "(Madry's WideResNet: 5 blocks/stage, width 10); default per dataset")
+    method: str = _opt("iaat", "iaat (paper Alg 1), at (Madry PGD-AT at the fixed radius eps_w) or clean")
+    # optimisation: paper Table 10 (CIFAR ResNet-18 column unless the preset says otherwise)
+    epochs: int = _opt(200, "training epochs (Table 10: 200 ResNet-18, 110 WRN-32-10)")
+    batch_size: int = _opt(128, "global batch size (Table 10: 128)")
+    lr: float = _opt(0.1, "SGD learning rate (Table 10: 0.1)")
+    momentum: float = _opt(0.9, "SGD momentum (official code: 0.9)")
+    weight_decay: float = _opt(2e-4, "weight decay (Table 10: 2e-4 ResNet-18, 5e-4 WRN-32-10)")
+    lr_milestones: tuple = _opt((80, 140, 170), "epochs at which the LR decays (Table 10)")
+    lr_decay: float = _opt(0.1, "LR decay factor at each milestone (Table 10: 0.1 ResNet-18, 0.2 WRN)")
+    # IAAT (Alg 1 and 2, Table 10)
+    eps_w: float = _opt(8 / PIXEL, "warmup radius eps_w of Alg 1, also the initial eps memory; "
+                                   "the fixed radius of --method at (Table 10: 8)", "/255")
+    gamma: float = _opt(1.9 / PIXEL, "discretisation gamma of Alg 2 (Table 10: 1.9)", "/255")
+    beta: float = _opt(0.1, "exponential averaging factor beta of Alg 2 (Table 10: 0.1)")
+    warmup: int = _opt(5, "warmup epochs at uniform eps_w before Alg 2 (Table 10: 5 ResNet-18, "
+                          "10 WRN); 0 = the no-warmup ablation (Tables 5-6)")
+    eps_init: Optional[float] = _opt(None, "initial eps memory (default: eps_w)", "/255")
+    eps_min: float = _opt(0.0, "lower clip of the selected eps (ImageNet, Table 11: 4)", "/255")
+    eps_max: Optional[float] = _opt(None, "upper clip of the selected eps (default: none)", "/255")
+    line_search: bool = _opt(False, "exact line search instead of Alg 2 (paper Sec 5.2, Table 7)")
+    line_eta: float = _opt(1.0 / PIXEL, "line search grid step eta (Sec 5.2)", "/255")
+    line_max: float = _opt(16 / PIXEL, "line search largest radius eps_max (Sec 5.2)", "/255")
+    # the PGD attack used for training and for selection (Table 10)
+    attack_steps: int = _opt(10, "PGD steps k of the training and selection attacks (Table 10: 10)")
+    step_size: float = _opt(2 / PIXEL, "PGD step size (Table 10: 2)", "/255")
+    step_rel: Optional[float] = _opt(None, "if set, step_i = step_rel * eps_i / attack_steps instead "
+                                           "of the fixed step (Madry: 2.5)")
+    attack_bn: str = _opt("train", "BatchNorm mode of the training attack: train (as PGD-AT and the "
+                                   "official code) or eval; selection always runs in eval mode")
+    # evaluation at the end of training (the full paper protocol is `iaat eval`)
+    eps_test: float = _opt(8 / PIXEL, "test radius (paper Sec 4: 8)", "/255")
+    eval_steps: int = _opt(20, "PGD steps of the final robust accuracy")
+    eval_step_size: float = _opt(2 / PIXEL, "PGD step size of the evaluations", "/255")
+    eval_subset: int = _opt(1000, "test samples for the per-epoch PGD check (first N of the test set)")
+    eval_batch: int = _opt(500, "batch size of the evaluations")
+    # run
+    seed: int = _opt(0, "random seed (model init, data order, augmentation, attack starts)")
+    split_seed: int = _opt(0, "seed of the fixed digits train/test split")
+    n_train: Optional[int] = _opt(None, "use only the first N training images (quick tries)")
+    out: Optional[str] = _opt(None, "run folder (default runs/<dataset>-<model>-<method>-seed<seed>)")
+    data_root: str = _opt("data", "where CIFAR is read from (and downloaded to)")
+    download: bool = _opt(True, "download CIFAR when it is missing")
+    device: str = _opt("auto", "auto (cuda if available), cpu or cuda")
+    save_every: int = _opt(0, "also checkpoint every N training steps (0: at epoch ends only)")
+    plot_every: int = _opt(10, "rewrite the plots every N epochs (always at the end)")
+
+
+# Paper Table 10 for CIFAR; digits values are this project's calibration (README, DESIGN 6).
+PRESETS = {
+    "digits": dict(model="smallcnn", epochs=30, batch_size=64, lr=0.05, weight_decay=5e-4,
+                   lr_milestones=(20, 25), lr_decay=0.1, warmup=5, eps_w=0.3, gamma=0.05,
+                   step_size=0.05, eps_test=0.3, eval_step_size=0.05, line_eta=0.05, line_max=0.5),
+    "resnet18": dict(epochs=200, lr_milestones=(80, 140, 170), lr_decay=0.1, weight_decay=2e-4,
+                     warmup=5),
+    "wrn32-10": dict(epochs=110, lr_milestones=(70, 90, 100), lr_decay=0.2, weight_decay=5e-4,
+                     warmup=10),
+}
+DATASETS = ("digits", "cifar10", "cifar100")
+MODELS = ("smallcnn", "resnet18", "wrn32-10")
+METHODS = ("iaat", "at", "clean")
+# fields that may change between a run and its resumption
+RUNTIME_FIELDS = {"out", "data_root", "download", "device", "save_every", "plot_every", "epochs",
+                  "eval_batch"}
+
+
+def make_config(dataset: str = "digits", model: Optional[str] = None, **overrides) -> Config:
+    """Config for a dataset and model: dataclass defaults < paper preset < explicit overrides."""
+    if dataset not in DATASETS:
+        raise IAATError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    values = dict(PRESETS["digits"]) if dataset == "digits" else {"model": "resnet18"}
+    if model is not None:
+        values["model"] = model
+    if values["model"] not in MODELS:
+        raise IAATError(f"unknown model {values['model']!r}; choose from {', '.join(MODELS)}")
+    values.update(PRESETS.get(values["model"], {}) if dataset != "digits" else {})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = Config(dataset=dataset, **values)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """Reject settings that cannot be right, with a one-line reason (DESIGN section 8)."""
+    if cfg.method not in METHODS:
+        raise IAATError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
+    if cfg.attack_bn not in ("train", "eval"):
+        raise IAATError(f"--attack-bn must be train or eval, not {cfg.attack_bn!r}")
+    for name in ("eps_w", "gamma", "eps_init", "eps_min", "eps_max", "step_size", "eps_test",
+                 "eval_step_size", "weight_decay", "momentum", "line_eta", "line_max", "step_rel"):
+        value = getattr(cfg, name)
+        if value is not None and (not math.isfinite(value) or value < 0):
+            raise IAATError(f"--{name.replace('_', '-')} must be a finite number >= 0, got "
+                            f"{_show(cfg, name, value)}")
+    if not 0 < cfg.beta <= 1:
+        raise IAATError(f"--beta must be in (0, 1], got {cfg.beta}")
+    if cfg.eps_max is not None and cfg.eps_max < cfg.eps_min:
+        raise IAATError("--eps-max must be >= --eps-min")
+    if cfg.lr <= 0 or not math.isfinite(cfg.lr):
+        raise IAATError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    for name in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_batch", "eval_subset"):
+        if getattr(cfg, name) < (0 if name in ("epochs", "eval_subset") else 1):
+            raise IAATError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.warmup < 0 or cfg.save_every < 0 or (cfg.n_train is not None and cfg.n_train < 1):
+        raise IAATError("--warmup, --save-every and --n-train must not be negative")
+    if cfg.line_search and cfg.line_eta <= 0:
+        raise IAATError("--line-eta must be > 0 with --line-search")
+
+
+def _show(cfg: Config, name: str, value: float) -> str:
+    unit = Config.__dataclass_fields__[name].metadata["unit"]
+    return f"{value * PIXEL:g}/255" if unit else f"{value:g}"
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.out or f"runs/{cfg.dataset}-{cfg.model}-{cfg.method}-seed{cfg.seed}")
+
+
+# ============================================================================================
+# Data: whole datasets as uint8 tensors on the device, augmented in batches there
+# ============================================================================================
+
+@dataclass
+class Data:
+    """A dataset held as uint8 NCHW tensors; batches carry their dataset indices (eps memory)."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    mean: tuple  # per channel, in [0,1]; used inside the model
+    std: tuple
+    augment: str  # "cifar" (pad-4 reflect crop + flip) or "digits" (shift <= 1 px, no flip)
+
+    def to(self, device) -> "Data":
+        move = {k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)}
+        return dataclasses.replace(self, **move)
+
+
+def load_digits(split_seed: int = 0, n_test: int = 497) -> Data:
+    """scikit-learn's UCI handwritten digits (1797 8x8 images, 17 gray levels), fixed split."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+    d = sk_digits()
+    images = np.rint(d.images * (255 / 16)).astype(np.uint8)[:, None]  # (N,1,8,8), 0..255
+    tr_x, te_x, tr_y, te_y = train_test_split(images, d.target, test_size=n_test,
+                                              random_state=split_seed, stratify=d.target)
+    return _data_from_numpy(tr_x, tr_y, te_x, te_y, 10, "digits")
+
+
+def load_cifar(name: str, root: str, download: bool) -> Data:
+    """CIFAR-10/100 through torchvision's own classes (download, checksum, pickle format)."""
+    from torchvision import datasets
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    try:
+        train, test = (cls(root, train=t, download=download) for t in (True, False))
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. ..."
+        hint = "" if download else " and --no-download was given"
+        raise IAATError(f"{name} not found under {root!r}{hint}: {err}") from None
+    except OSError as err:  # no network, read-only folder ...
+        raise IAATError(f"could not download {name} to {root!r}: {err}") from None
+    as_nchw = lambda ds: np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))  # noqa: E731
+    return _data_from_numpy(as_nchw(train), train.targets, as_nchw(test), test.targets,
+                            len(train.classes), "cifar")
+
+
+def _data_from_numpy(tr_x, tr_y, te_x, te_y, num_classes: int, augment: str) -> Data:
+    train_x = torch.as_tensor(tr_x, dtype=torch.uint8)
+    pixels = train_x.float().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
+    return Data(train_x, torch.as_tensor(np.asarray(tr_y), dtype=torch.long),
+                torch.as_tensor(te_x, dtype=torch.uint8),
+                torch.as_tensor(np.asarray(te_y), dtype=torch.long), num_classes,
+                tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist()), augment)
+
+
+def load_data(cfg: Config, device) -> Data:
+    data = (load_digits(cfg.split_seed) if cfg.dataset == "digits"
+            else load_cifar(cfg.dataset, cfg.data_root, cfg.download))
+    if cfg.n_train is not None:
+        data = dataclasses.replace(data, train_x=data.train_x[:cfg.n_train],
+                                   train_y=data.train_y[:cfg.n_train])
+    return data.to(device)
+
+
+def to_float(x_u8: torch.Tensor) -> torch.Tensor:
+    return x_u8.float().div_(255)
+
+
+def augment(x_u8: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Batched random crop (+ flip for CIFAR) on the device; returns floats in [0,1].
+
+    CIFAR: reflect-pad 4, random 32x32 crop, horizontal flip (the standard recipe).
+    digits: zero-pad 1, random 8x8 crop (a shift of at most one pixel); no flip, because a
+    mirrored digit is another symbol.
+    """
+    x = to_float(x_u8)
+    b, _, h, w = x.shape
+    pad = 4 if kind == "cifar" else 1
+    x = F.pad(x, (pad,) * 4, mode="reflect" if kind == "cifar" else "constant")
+    dy, dx = (torch.randint(0, 2 * pad + 1, (2, b), generator=gen, device=x.device))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B,1,H,1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B,1,1,W)
+    x = x.gather(2, rows.expand(-1, x.shape[1], -1, x.shape[3])).gather(
+        3, cols.expand(-1, x.shape[1], h, -1))
+    if kind == "cifar":
+        flip = torch.rand(b, generator=gen, device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
+    """The data order and augmentation of one epoch depend on (seed, epoch) only."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+
+
+# ============================================================================================
+# Models: normalisation lives inside the model, so every eps is in pixel units
+# ============================================================================================
+
+class Normalize(nn.Module):
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class SmallCNN(nn.Module):
+    """A small conv net with BatchNorm for the 8x8 digits (any input size works)."""
+    def __init__(self, in_ch: int = 1, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        def block(i, o):
+            return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU()]
+        self.net = nn.Sequential(
+            *block(in_ch, width), *block(width, width), nn.MaxPool2d(2),
+            *block(width, 2 * width), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(8 * width, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False)
+                         if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        return self.conv2(F.relu(self.bn2(out))) + skip
+
+
+class PreActResNet18(nn.Module):
+    """PreAct ResNet-18 (He et al. 2016), the CIFAR 'ResNet-18' of adversarial training papers."""
+    def __init__(self, num_classes: int = 10, in_ch: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False)
+        layers, cin = [], 64
+        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            layers += [PreActBlock(cin, cout, stride), PreActBlock(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(512)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.layers(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class WideBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if cin != cout else None
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
+
+
+class WideResNet(nn.Module):
+    """WideResNet (Zagoruyko & Komodakis) with (depth - 4) / 6 blocks per stage.
+
+    The paper's "WideResNet-32-10" is Madry et al.'s CIFAR network: 5 blocks per stage, width
+    10. Zagoruyko's depth formula counts that network as depth 34 (TRADES calls it WRN-34-10),
+    so the `wrn32-10` preset builds WideResNet(depth=34, width=10).
+    """
+    def __init__(self, depth: int = 34, width: int = 10, num_classes: int = 10, in_ch: int = 3):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        n, widths = (depth - 4) // 6, [16, 16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(in_ch, widths[0], 3, 1, 1, bias=False)
+        layers, cin = [], widths[0]
+        for cout, stride in zip(widths[1:], (1, 2, 2)):
+            for i in range(n):
+                layers.append(WideBlock(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn(self.layers(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def build_model(name: str, num_classes: int, mean, std) -> nn.Module:
+    """Normalize(mean, std) followed by the named network; takes images in [0,1]."""
+    in_ch = len(mean)
+    nets = {"smallcnn": lambda: SmallCNN(in_ch, num_classes),
+            "resnet18": lambda: PreActResNet18(num_classes, in_ch),
+            "wrn32-10": lambda: WideResNet(34, 10, num_classes, in_ch)}
+    if name not in nets:
+        raise IAATError(f"unknown model {name!r}; choose from {', '.join(nets)}")
+    return nn.Sequential(Normalize(mean, std), nets[name]())
+
+
+# ============================================================================================
+# Attacks: L-inf PGD with a radius and a step per sample
+# ============================================================================================
+
+@contextmanager
+def model_mode(model: nn.Module, training: bool):
+    """Run a block with model.train(training), then restore the mode it was found in."""
+    was = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was)
+
+
+def _per_sample(v, x: torch.Tensor) -> torch.Tensor:
+    """A float or a (B,) tensor as a (B,1,1,1) tensor broadcastable against x."""
+    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    if v.dim() == 0:
+        v = v.expand(x.shape[0])
+    if v.shape != (x.shape[0],):
+        raise ValueError(f"expected a float or a tensor of shape ({x.shape[0]},), got {tuple(v.shape)}")
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+def _steps_for(step_size: Step, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The per-sample step: a float, a (B,) tensor, or a rule applied to the per-sample eps."""
+    return _per_sample(step_size(eps.flatten()) if callable(step_size) else step_size, x)
+
+
+def _take(v, idx: torch.Tensor):
+    """Restrict a per-sample argument (tensor of shape (B,)) to a subset; floats pass through."""
+    return v[idx] if torch.is_tensor(v) and v.dim() > 0 else v
+
+
+def _project(x_adv, x, eps):
+    """Project onto the L-inf ball of radius eps around x, intersected with [0,1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+
+
+def _random_start(x, eps, random_start: bool):
+    """Uniform in the eps-ball, clamped to [0,1] (the official code does not clamp; DESIGN 3)."""
+    if not random_start:
+        return x.clone()
+    return (x + (torch.rand_like(x) * 2 - 1) * eps).clamp_(0, 1)
+
+
+def _input_grad(model, x_adv, y, targeted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the ascent direction's gradient, for the input only (no parameter .grad)."""
+    with torch.enable_grad():
+        x_adv = x_adv.detach().requires_grad_(True)
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        grad, = torch.autograd.grad(-loss if targeted else loss, x_adv)
+    return logits.detach(), grad
+
+
+def _pgd_run(model, x, y, eps, step, steps: int, random_start: bool, targeted: bool):
+    """One PGD run: x_{t+1} = Proj(x_t + step * sign(grad)); returns the last iterate."""
+    x_adv = _random_start(x, eps, random_start)
+    for _ in range(steps):
+        _, grad = _input_grad(model, x_adv, y, targeted)
+        x_adv = _project(x_adv + step * grad.sign(), x, eps)
+    return x_adv
+
+
+def _success(logits, y, targeted: bool) -> torch.Tensor:
+    pred = logits.argmax(1)
+    return pred == y if targeted else pred != y
+
+
+def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps: int = 10,
+               step_size: Step = 2 / PIXEL, random_start: bool = True, targeted: bool = False,
+               restarts: int = 1) -> torch.Tensor:
+    """L-inf PGD (Madry et al.) with a radius and a step per sample: PGD_k(x, y, eps_i) of Alg 1.
+
+    eps and step_size: a float or a (B,) tensor (step_size may also be a function of the
+    per-sample eps). The result lies in [0,1] with |x_adv_i - x_i|_inf <= eps_i; eps_i = 0
+    returns x_i unchanged. `targeted=True` moves towards the labels `y` instead of away.
+    With `restarts`, each sample keeps its worst case: the first restart that succeeds,
+    otherwise the one with the highest attack loss. The model's train/eval mode is used as
+    found and left as found; gradients are taken for the input only.
+    """
+    eps_b = _per_sample(eps, x)
+    step = _steps_for(step_size, eps_b, x)
+    best = best_win = best_obj = None
+    for _ in range(restarts):
+        x_adv = _pgd_run(model, x, y, eps_b, step, steps, random_start, targeted)
+        if restarts == 1:
+            return x_adv
+        with torch.no_grad():
+            logits = model(x_adv)
+        win = _success(logits, y, targeted)
+        obj = F.cross_entropy(logits, y, reduction="none") * (-1 if targeted else 1)
+        if best is None:
+            best, best_win, best_obj = x_adv, win, obj
+            continue
+        take = ~best_win & (win | (obj > best_obj))
+        best = torch.where(_per_sample(take, x).bool(), x_adv, best)
+        best_win, best_obj = best_win | win, torch.where(take, obj, best_obj)
+    return best
+
+
+def pgd_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps: int = 10,
+               step_size: Step = 2 / PIXEL, early_exit: bool = True) -> torch.Tensor:
+    """Does PGD at eps_i find an image of another class? (B,) bool, the test of Alg 2 l.4 and 6.
+
+    A sample counts as fooled when any iterate x_0..x_k is misclassified: the paper's "PGD
+    succeeded in finding an image with a different class label". A fooled sample's answer is
+    then fixed, so with `early_exit` it leaves the attack and the rest run on. Call this in
+    eval mode: samples are then independent and early exit changes no decision.
+    """
+    eps_b = _per_sample(eps, x)
+    step = _steps_for(step_size, eps_b, x)
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    alive = torch.arange(len(x), device=x.device)
+    x_adv = _random_start(x, eps_b, True)
+    for t in range(steps + 1):
+        if t == steps:
+            with torch.no_grad():
+                logits = model(x_adv)
+        else:
+            logits, grad = _input_grad(model, x_adv, y, False)
+        hit = logits.argmax(1) != y
+        fooled[alive[hit]] = True
+        if t == steps or (early_exit and hit.all()):
+            break
+        x_adv = _project(x_adv + step * grad.sign(), x, eps_b)
+        if early_exit and hit.any():
+            keep = ~hit
+            alive, x_adv, x, y, eps_b, step = (v[keep] for v in (alive, x_adv, x, y, eps_b, step))
+    return fooled
+
+
+# ============================================================================================
+# Epsilon selection: paper Algorithm 2, and the exact line search of Sec 5.2
+# ============================================================================================
+
+def select_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_prev: torch.Tensor, *,
+                   gamma: float, beta: float, steps: int = 10, step_size: Step = 2 / PIXEL,
+                   eps_min: float = 0.0, eps_max: Optional[float] = None) -> torch.Tensor:
+    """Paper Algorithm 2: the new radius eps_i of each sample, shape (B,).
+
+    l.1-3   candidates prev + gamma, prev, prev - gamma, with prev = mem[i] (`eps_prev`)
+    l.4-5   if PGD at prev + gamma keeps the label y_i: choose prev + gamma
+    l.6-7   elif PGD at prev keeps it: choose prev (attacked only on the samples fooled at l.4)
+    l.8-9   else: choose prev - gamma, clipped at 0
+    l.11    eps_i = (1 - beta) * prev + beta * chosen, then clipped to [eps_min, eps_max]
+    The caller stores eps_i as mem[i] (l.12). Both attacks are measurements: they run in eval
+    mode and leave BatchNorm statistics and the model's mode alone.
+    """
+    prev = eps_prev.to(x.dtype)
+    with model_mode(model, False):
+        chosen = prev + gamma
+        up_fooled = pgd_fooled(model, x, y, chosen, steps=steps, step_size=step_size)
+        sub = up_fooled.nonzero().squeeze(1)
+        if len(sub):
+            prev_fooled = pgd_fooled(model, x[sub], y[sub], prev[sub], steps=steps,
+                                     step_size=_take(step_size, sub))
+            chosen[sub] = torch.where(prev_fooled, prev[sub] - gamma, prev[sub])
+    eps = (1 - beta) * prev + beta * chosen.clamp(min=0)
+    return eps.clamp(min=eps_min, max=eps_max)
+
+
+def line_search_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eta: float,
+                        eps_max: float, steps: int = 10, step_size: Step = 2 / PIXEL,
+                        eps_min: float = 0.0) -> torch.Tensor:
+    """Exact line search (paper Sec 5.2, Table 7): the largest eps in {eta, 2 eta, ..., eps_max}
+    at which PGD does not fool the model, 0 where every radius fools it.
+
+    The grid is scanned from the top; a sample leaves once it survives, so this is the largest
+    surviving radius. The estimate replaces Alg 2 wholesale (no memory, no averaging); it is
+    clipped below at eps_min. Runs in eval mode, like Alg 2.
+    """
+    eps = torch.zeros(len(x), device=x.device)
+    todo = torch.arange(len(x), device=x.device)
+    with model_mode(model, False):
+        for k in range(int(eps_max / eta + 1e-6), 0, -1):
+            if not len(todo):
+                break
+            fooled = pgd_fooled(model, x[todo], y[todo], k * eta, steps=steps,
+                                step_size=_take(step_size, todo))
+            eps[todo[~fooled]] = k * eta
+            todo = todo[fooled]
+    return eps.clamp(min=eps_min)
+
+
+# ============================================================================================
+# Training: paper Algorithm 1 and the PGD-AT / clean baselines
+# ============================================================================================
+
+def step_rule(cfg: Config) -> Step:
+    """The PGD step: fixed (Table 10), or step_rel * eps_i / k (--step-rel)."""
+    if cfg.step_rel is None:
+        return cfg.step_size
+    return lambda eps: cfg.step_rel * eps / cfg.attack_steps
+
+
+def choose_epsilon(model, x, y, idx, mem: torch.Tensor, epoch: int, cfg: Config) -> torch.Tensor:
+    """Alg 1 l.3-6: eps_w in warmup, otherwise Alg 2 (or the line search); updates mem[idx]."""
+    if epoch < cfg.warmup:
+        return torch.full_like(mem[idx], cfg.eps_w)
+    if cfg.line_search:
+        eps = line_search_epsilon(model, x, y, eta=cfg.line_eta, eps_max=cfg.line_max,
+                                  steps=cfg.attack_steps, step_size=step_rule(cfg),
+                                  eps_min=cfg.eps_min)
+    else:
+        eps = select_epsilon(model, x, y, mem[idx], gamma=cfg.gamma, beta=cfg.beta,
+                             steps=cfg.attack_steps, step_size=step_rule(cfg),
+                             eps_min=cfg.eps_min, eps_max=cfg.eps_max)
+    mem[idx] = eps
+    return eps
+
+
+def clean_correct(model, x, y) -> torch.Tensor:
+    """Alg 1 l.9-10: S+ = samples classified correctly on the clean input (eval mode)."""
+    with torch.no_grad(), model_mode(model, False):
+        return model(x).argmax(1) == y
+
+
+def training_inputs(model, x, y, eps: torch.Tensor, correct: torch.Tensor, cfg: Config):
+    """Alg 1 l.7-11 as one batch: x_adv_i (PGD at eps_i) for S+, the clean x_i for S-.
+
+    Attacking with eps_i = 0 for S- returns those x_i unchanged, so the mean cross-entropy of
+    this batch is exactly the loss of Alg 1 l.11.
+    """
+    with model_mode(model, cfg.attack_bn == "train"):
+        return pgd_attack(model, x, y, eps * correct, steps=cfg.attack_steps,
+                          step_size=step_rule(cfg))
+
+
+def train_step(model, opt, x, y, idx, mem, epoch: int, cfg: Config) -> dict:
+    """One SGD step of IAAT (Alg 1), PGD-AT (eps_w for all, no S-) or clean training."""
+    if cfg.method == "iaat":
+        correct = clean_correct(model, x, y)
+        eps = choose_epsilon(model, x, y, idx, mem, epoch, cfg)
+        x_in = training_inputs(model, x, y, eps, correct, cfg)
+    elif cfg.method == "at":
+        eps = torch.full_like(mem[idx], cfg.eps_w)
+        with model_mode(model, cfg.attack_bn == "train"):
+            x_in = pgd_attack(model, x, y, eps, steps=cfg.attack_steps, step_size=step_rule(cfg))
+    else:
+        eps, x_in = torch.zeros_like(mem[idx]), x
+    model.train()
+    logits = model(x_in)
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        stats = {"loss": loss.detach() * len(y), "train_acc": (logits.argmax(1) == y).sum(),
+                 "eps": eps.sum(), "n": torch.tensor(len(y), device=y.device)}
+        if cfg.method == "iaat":
+            stats["clean_acc"] = correct.sum()
+    return stats
+
+
+def make_optimizer(model, cfg: Config):
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_milestones), cfg.lr_decay)
+    return opt, sched
+
+
+# ============================================================================================
+# Evaluation
+# ============================================================================================
+
+def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
+             step_size: float, restarts: int = 1, batch_size: int = 500) -> dict:
+    """Natural and PGD accuracy, in eval mode and FP32; sums over batches, then one division."""
+    clean = robust = 0
+    with model_mode(model, False):
+        for i in range(0, len(y), batch_size):
+            x, t = to_float(x_u8[i:i + batch_size]), y[i:i + batch_size]
+            with torch.no_grad():
+                clean += (model(x).argmax(1) == t).sum().item()
+            x_adv = pgd_attack(model, x, t, eps, steps=steps, step_size=step_size,
+                               restarts=restarts)
+            with torch.no_grad():
+                robust += (model(x_adv).argmax(1) == t).sum().item()
+    return {"clean": clean / len(y), "robust": robust / len(y)}
+
+
+# ============================================================================================
+# Checkpoints and outputs: atomic writes, resume, metrics, eps history, plots
+# ============================================================================================
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename over `path`: a kill at
+    any moment leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def rng_state(gen: Optional[torch.Generator]) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if gen is not None:
+        state["data"] = gen.get_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, *, cfg, model, opt, sched, mem, epoch, step, totals, gen) -> None:
+    """Everything needed to resume exactly: weights, optimiser, schedule, eps memory, RNGs."""
+    ckpt = {"format": 1, "config": config_dict(cfg), "epoch": epoch, "step": step,
+            "totals": {k: float(v) for k, v in totals.items()}, "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "eps_memory": mem.cpu(), "rng": rng_state(gen)}
+    atomic_write(path, lambda p: torch.save(ckpt, p))
+
+
+def load_checkpoint(path: Path, cfg: Config) -> dict:
+    """Read a checkpoint as plain tensors and containers (weights_only=True) and check that it
+    belongs to this configuration; raise IAATError on a corrupt or mismatched file."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or holding arbitrary objects
+        raise IAATError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); move it away to start "
+                        "afresh") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or "config" not in ckpt:
+        raise IAATError(f"checkpoint {path} is not an iaat checkpoint; move it away to start afresh")
+    mine, theirs = config_dict(cfg), ckpt["config"]
+    diff = [k for k in mine if k not in RUNTIME_FIELDS and mine[k] != theirs.get(k)]
+    if diff:
+        k = diff[0]
+        raise IAATError(f"checkpoint {path} was written with {k}={theirs.get(k)!r}, this run has "
+                        f"{k}={mine[k]!r}; rerun with the same settings or choose another --out")
+    return ckpt
+
+
+def config_dict(cfg: Config) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["lr_milestones"] = list(d["lr_milestones"])
+    return d
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def read_metrics(path: Path, upto_epoch: int) -> list:
+    """The metrics lines of epochs <= upto_epoch (a resumed run drops lines written later)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["epoch"] <= upto_epoch]
+
+
+def write_metrics(path: Path, rows: list) -> None:
+    atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def write_eps_history(path: Path, history: np.ndarray) -> None:
+    """(epochs, n_train) float32: the eps memory after each epoch, row e = after epoch e+1."""
+    def save(p):
+        with open(p, "wb") as f:
+            np.save(f, history)
+    atomic_write(path, save)
+
+
+def plot_run(out: Path, rows: list, history: np.ndarray) -> None:
+    """curves.png (loss, accuracies), eps_hist.png (eps histograms), eps_mean.png."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, safe in notebooks
+    if not rows:
+        return
+    ep = [r["epoch"] for r in rows]
+    fig = Figure(figsize=(10, 3.6), layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(ep, [r["train_loss"] for r in rows])
+    ax1.set(xlabel="epoch", ylabel="training loss", title="training loss (Alg 1 l.11)")
+    for key, label in [("train_acc", "train (on training inputs)"), ("test_clean", "test clean"),
+                       ("test_pgd", "test PGD (subset)")]:
+        pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax2.plot(*zip(*pts), label=label, marker="." if len(pts) < 40 else None)
+    ax2.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="accuracy")
+    ax2.legend()
+    fig.savefig(out / "curves.png", dpi=110)
+
+    h = history * PIXEL
+    fig = Figure(figsize=(6, 3.6), layout="constrained")
+    ax = fig.subplots()
+    picks = sorted({int(round(i)) for i in np.linspace(0, len(h) - 1, min(len(h), 5))})
+    bins = np.linspace(0, max(h.max(), 1e-6), 40)
+    for i in picks:
+        ax.hist(h[i], bins=bins, histtype="step", label=f"after epoch {i + 1}")
+    ax.set(xlabel="eps_i (x/255)", ylabel="training samples", title="eps memory (paper Fig 5)")
+    ax.legend()
+    fig.savefig(out / "eps_hist.png", dpi=110)
+
+    fig = Figure(figsize=(6, 3.6), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(1, len(h) + 1)
+    ax.fill_between(x, np.quantile(h, 0.1, axis=1), np.quantile(h, 0.9, axis=1), alpha=0.3,
+                    label="10-90% of samples")
+    ax.plot(x, h.mean(1), label="mean")
+    ax.set(xlabel="epoch", ylabel="eps (x/255)", title="eps memory over training (paper Fig 7)")
+    ax.legend()
+    fig.savefig(out / "eps_mean.png", dpi=110)
+
+
+# ============================================================================================
+# The training run: Alg 1 over epochs, with outputs, resume and SIGTERM
+# ============================================================================================
+
+class _Stop:
+    """Set by SIGTERM; the loop checkpoints at the next step boundary and exits."""
+    requested = False
+
+
+def _on_sigterm(signum, frame):
+    _Stop.requested = True
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise IAATError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
+    """Train one run into run_dir(cfg), resuming if its checkpoint exists; return the summary.
+
+    Writes checkpoint.pt, metrics.jsonl, eps_history.npy, curves.png, eps_hist.png,
+    eps_mean.png and summary.json. Raises IAATError on bad input or a non-finite loss.
+    """
+    from tqdm.auto import tqdm
+    out = run_dir(cfg)
+    ckpt_path, metrics_path, hist_path = (out / "checkpoint.pt", out / "metrics.jsonl",
+                                          out / "eps_history.npy")
+    ckpt = load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else None
+    device = pick_device(cfg.device)
+    data = load_data(cfg, device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.num_classes, data.mean, data.std).to(device)
+    opt, sched = make_optimizer(model, cfg)
+    n = len(data.train_y)
+    mem = torch.full((n,), cfg.eps_init if cfg.eps_init is not None else cfg.eps_w, device=device)
+    epoch, step, totals, history = 0, 0, {}, np.zeros((0, n), np.float32)
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            if ckpt["eps_memory"].shape != mem.shape:
+                raise ValueError(f"eps memory of {len(ckpt['eps_memory'])} samples, data has {n}")
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise IAATError(f"checkpoint {ckpt_path} does not match this run: "
+                            f"{str(err).splitlines()[0]}") from None
+        mem.copy_(ckpt["eps_memory"])
+        epoch, step, totals = ckpt["epoch"], ckpt["step"], ckpt["totals"]
+        set_rng_state(ckpt["rng"])
+        if hist_path.exists():
+            history = np.load(hist_path)[:epoch]
+        log(f"resuming {out} at epoch {epoch} step {step}")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_metrics(metrics_path, epoch)
+    if ckpt is None:
+        write_json(out / "config.json", config_dict(cfg))
+    prev_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    _Stop.requested = False
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    try:
+        while epoch < cfg.epochs:
+            t0 = time.time() - totals.get("time", 0.0)
+            gen = epoch_generator(cfg.seed, epoch, device)
+            perm = torch.randperm(n, generator=gen, device=device)
+            if step:
+                gen.set_state(ckpt["rng"]["data"])
+            sums = {k: torch.tensor(v, device=device) for k, v in totals.items() if k != "time"}
+            bar = tqdm(range(step, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       leave=False, disable=None, initial=step, total=steps_per_epoch)
+            for step in bar:
+                idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                x, y = augment(data.train_x[idx], data.augment, gen), data.train_y[idx]
+                for k, v in train_step(model, opt, x, y, idx, mem, epoch, cfg).items():
+                    sums[k] = sums.get(k, 0) + v
+                done = step + 1 < steps_per_epoch and (
+                    _Stop.requested or (cfg.save_every and (step + 1) % cfg.save_every == 0))
+                if done:
+                    _check_finite(sums, model, epoch, step, ckpt_path)
+                    totals = {k: float(v) for k, v in sums.items()}
+                    totals["time"] = time.time() - t0
+                    save_checkpoint(ckpt_path, cfg=cfg, model=model, opt=opt, sched=sched,
+                                    mem=mem, epoch=epoch, step=step + 1, totals=totals, gen=gen)
+                    if _Stop.requested:
+                        raise SystemExit(_stopped(log, out, epoch, step + 1))
+            bar.close()
+            _check_finite(sums, model, epoch, steps_per_epoch, ckpt_path)
+            sched.step()
+            epoch, step, totals = epoch + 1, 0, {}
+            if cfg.method == "at":
+                mem.fill_(cfg.eps_w)
+            elif cfg.method == "clean":
+                mem.zero_()
+            history = np.concatenate([history, mem.cpu().numpy()[None]])
+            rows.append(_epoch_row(model, data, cfg, epoch, sums, opt, time.time() - t0))
+            log(_format_row(rows[-1], cfg))
+            write_eps_history(hist_path, history)
+            write_metrics(metrics_path, rows)
+            save_checkpoint(ckpt_path, cfg=cfg, model=model, opt=opt, sched=sched, mem=mem,
+                            epoch=epoch, step=0, totals={}, gen=None)
+            if epoch == cfg.epochs or (cfg.plot_every and epoch % cfg.plot_every == 0):
+                plot_run(out, rows, history)
+            if _Stop.requested:
+                raise SystemExit(_stopped(log, out, epoch, 0))
+    finally:
+        if prev_handler is not None:
+            signal.signal(signal.SIGTERM, prev_handler)
+    return finish(model, data, cfg, out, rows, history, log)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _stopped(log, out, epoch, step) -> int:
+    log(f"SIGTERM: checkpoint saved at epoch {epoch} step {step} in {out}; rerun the same "
+        "command to resume")
+    return 143
+
+
+def _check_finite(sums: dict, model, epoch: int, step: int, ckpt_path: Path) -> None:
+    """Stop before a non-finite loss or weight reaches a checkpoint; the last good one stays."""
+    finite = math.isfinite(float(sums["loss"])) and all(
+        bool(torch.isfinite(p).all()) for p in model.parameters())
+    if not finite:
+        kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else \
+            "no checkpoint was written"
+        raise IAATError(f"training loss became non-finite in epoch {epoch + 1} (by step {step}); "
+                        f"{kept}; try a lower --lr")
+
+
+def _epoch_row(model, data: Data, cfg: Config, epoch: int, sums: dict, opt, seconds: float) -> dict:
+    n = float(sums["n"])
+    row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": float(sums["loss"]) / n,
+           "train_acc": float(sums["train_acc"]) / n, "eps_mean": float(sums["eps"]) / n}
+    if "clean_acc" in sums:
+        row["train_clean_acc"] = float(sums["clean_acc"]) / n
+    if cfg.eval_subset:
+        k = min(cfg.eval_subset, len(data.test_y))
+        acc = evaluate(model, data.test_x[:k], data.test_y[:k], eps=cfg.eps_test,
+                       steps=cfg.attack_steps, step_size=cfg.eval_step_size,
+                       batch_size=cfg.eval_batch)
+        row.update(test_clean=acc["clean"], test_pgd=acc["robust"])
+    row["seconds"] = round(seconds, 2)
+    return row
+
+
+def _format_row(r: dict, cfg: Config) -> str:
+    s = (f"epoch {r['epoch']:3d}/{cfg.epochs} | loss {r['train_loss']:.3f} | train acc "
+         f"{r['train_acc']:.3f} | eps {r['eps_mean'] * PIXEL:5.1f}/255")
+    if "test_clean" in r:
+        s += f" | test clean {r['test_clean']:.3f} PGD-{cfg.attack_steps} {r['test_pgd']:.3f}"
+    return s + f" | {r['seconds']:.1f}s"
+
+
+def finish(model, data: Data, cfg: Config, out: Path, rows: list, history, log) -> dict:
+    """Natural and PGD-20 accuracy on the whole test set at eps_test; summary.json and a line."""
+    acc = evaluate(model, data.test_x, data.test_y, eps=cfg.eps_test, steps=cfg.eval_steps,
+                   step_size=cfg.eval_step_size, batch_size=cfg.eval_batch)
+    summary = {"run": str(out), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
+               "seed": cfg.seed, "epochs": cfg.epochs, "natural_acc": acc["clean"],
+               "pgd_acc": acc["robust"], "pgd": f"PGD-{cfg.eval_steps}",
+               "eps_test_255": cfg.eps_test * PIXEL,
+               "eps_mean_255": float(history[-1].mean() * PIXEL) if len(history) else None,
+               "train_seconds": round(sum(r["seconds"] for r in rows), 1)}
+    write_json(out / "summary.json", summary)
+    plot_run(out, rows, history)
+    log(f"final {cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}: natural "
+        f"{acc['clean']:.4f} | PGD-{cfg.eval_steps} at {cfg.eps_test * PIXEL:g}/255 "
+        f"{acc['robust']:.4f} | mean eps {summary['eps_mean_255'] or 0:.1f}/255 | "
+        f"{summary['train_seconds']:.0f}s training | {out}")
+    return summary
+
+
+# ============================================================================================
+# CLI
+# ============================================================================================
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
+        self.exit(2, f"iaat: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI, built from Config: one flag per field, its help text with unit and paper source.
+    Flags left out take the dataset/model preset (see the epilog)."""
+    presets = "\n".join(f"  {k}: " + ", ".join(f"{f}={_preset_str(f, v)}" for f, v in p.items())
+                        for k, p in PRESETS.items())
+    p = _Parser(prog="iaat", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=f"presets (override any with its flag):\n{presets}")
+    for f in dataclasses.fields(Config):
+        flag, unit, help = "--" + f.name.replace("_", "-"), f.metadata["unit"], f.metadata["help"]
+        names = [flag] + (["--eps"] if f.name == "eps_w" else [])
+        shown = _preset_str(f.name, f.default)
+        help = f"{help} [{'x/255, ' if unit else ''}default: {shown}]"
+        if f.type == "bool":
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, default=None, help=help)
+        elif f.name == "lr_milestones":
+            p.add_argument(*names, type=int, nargs="*", default=None, metavar="EPOCH", help=help)
+        else:
+            kind = int if f.type in ("int", "Optional[int]") else \
+                float if "float" in f.type else str
+            choices = {"dataset": DATASETS, "model": MODELS, "method": METHODS,
+                       "attack_bn": ("train", "eval"),
+                       "device": ("auto", "cpu", "cuda")}.get(f.name)
+            p.add_argument(*names, type=kind, default=None, choices=choices, help=help)
+    return p
+
+
+def _preset_str(name: str, value) -> str:
+    unit = Config.__dataclass_fields__[name].metadata["unit"]
+    if unit and isinstance(value, float):
+        return f"{value * PIXEL:g}"
+    return "preset" if value is None and name == "model" else str(value)
+
+
+def config_from_args(argv) -> Config:
+    args = vars(build_parser().parse_args(argv))
+    for name, value in args.items():
+        if value is not None and Config.__dataclass_fields__[name].metadata["unit"]:
+            args[name] = value / PIXEL
+    if args["lr_milestones"] is not None:
+        args["lr_milestones"] = tuple(args["lr_milestones"])
+    return make_config(args.pop("dataset") or "digits", args.pop("model"), **args)
+
+
+def main(argv=None) -> int:
+    """`python iaat.py [flags]`: train (or resume) one run and print its final summary."""
+    try:
+        cfg = config_from_args(sys.argv[1:] if argv is None else argv)
+        train(cfg)
+    except IAATError as err:
+        print(f"iaat: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("iaat: interrupted; rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

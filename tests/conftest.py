@@ -1,0 +1,34 @@
+"""Shared helpers: tiny models and data, and a runner for the real CLI in a subprocess."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_cnn(num_classes=10, in_ch=1, bn=True):
+    """A small conv net with BatchNorm (so train/eval mode matters) in front of a linear head."""
+    layers = [nn.Conv2d(in_ch, 8, 3, padding=1)]
+    layers += [nn.BatchNorm2d(8)] if bn else []
+    layers += [nn.ReLU(), nn.Flatten(), nn.LazyLinear(num_classes)]
+    model = nn.Sequential(*layers)
+    model(torch.rand(2, in_ch, 8, 8))  # materialise the lazy layer
+    return model
+
+
+def run_cli(*args, cwd=None, timeout=600, env=None):
+    """Run `python iaat.py ARGS` like a user would; return the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "iaat.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)

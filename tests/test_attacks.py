@@ -1,0 +1,111 @@
+"""pgd_attack's contract (DESIGN section 4)."""
+import torch
+import torch.nn.functional as F
+
+import iaat
+from conftest import tiny_cnn
+
+
+def _batch(n=32):
+    return torch.rand(n, 1, 8, 8), torch.randint(0, 10, (n,))
+
+
+def test_bound_holds_per_sample_and_stays_in_box():
+    model = tiny_cnn()
+    x, y = _batch()
+    eps = torch.rand(len(x)) * 0.3
+    eps[::4] = 0.0
+    x_adv = iaat.pgd_attack(model, x, y, eps, steps=7, step_size=0.05)
+    dist = (x_adv - x).abs().flatten(1).amax(1)
+    assert torch.all(dist <= eps + 1e-6)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    # the attack uses its budget: most samples with eps > 0 move by (almost) eps
+    moved = dist[eps > 0] >= 0.9 * eps[eps > 0]
+    assert moved.float().mean() > 0.8
+
+
+def test_eps_zero_returns_input_unchanged():
+    model = tiny_cnn()
+    x, y = _batch()
+    eps = torch.full((len(x),), 0.1)
+    eps[:10] = 0
+    x_adv = iaat.pgd_attack(model, x, y, eps, steps=5, step_size=0.05)
+    assert torch.equal(x_adv[:10], x[:10])
+    assert not torch.equal(x_adv[10:], x[10:])
+    assert torch.equal(iaat.pgd_attack(model, x, y, 0.0, steps=5), x)
+
+
+def test_per_sample_step_size():
+    model = tiny_cnn()
+    x, y = _batch(8)
+    step = torch.tensor([0.0, 0.01] * 4)
+    x_adv = iaat.pgd_attack(model, x, y, 0.2, steps=3, step_size=step, random_start=False)
+    dist = (x_adv - x).abs().flatten(1).amax(1)
+    assert torch.all(dist[0::2] == 0)
+    assert torch.all(dist[1::2] <= 0.03 + 1e-6) and torch.all(dist[1::2] > 0)
+
+
+def _strength(model, x, y, x_adv):
+    with torch.no_grad():
+        logits = model(x_adv)
+    return logits.argmax(1) != y, F.cross_entropy(logits, y, reduction="none")
+
+
+def test_restarts_never_weaker_than_one_run():
+    model = tiny_cnn().eval()
+    x, _ = _batch(256)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample starts correctly classified
+    torch.manual_seed(1)
+    one = iaat.pgd_attack(model, x, y, 0.02, steps=2, step_size=0.005)
+    torch.manual_seed(1)  # the first restart draws the same random start as the single run
+    many = iaat.pgd_attack(model, x, y, 0.02, steps=2, step_size=0.005, restarts=5)
+    fooled1, loss1 = _strength(model, x, y, one)
+    fooled5, loss5 = _strength(model, x, y, many)
+    assert torch.all(fooled5 | ~fooled1)  # fooled by one run => fooled by the restarts
+    both_robust = ~fooled1 & ~fooled5
+    assert torch.all(loss5[both_robust] >= loss1[both_robust] - 1e-6)
+    assert 0 < fooled1.sum() < fooled5.sum() < len(y)  # a test that can tell: restarts helped
+
+
+def test_targeted_moves_towards_target():
+    model = tiny_cnn().eval()
+    x, y = _batch(64)
+    target = (y + 1) % 10
+    x_t = iaat.pgd_attack(model, x, target, 0.3, steps=10, step_size=0.05, targeted=True)
+    x_u = iaat.pgd_attack(model, x, y, 0.3, steps=10, step_size=0.05)
+    with torch.no_grad():
+        hit_t = (model(x_t).argmax(1) == target).float().mean()
+        hit_u = (model(x_u).argmax(1) == target).float().mean()
+    assert hit_t > 0.5 and hit_t > hit_u
+
+
+def test_model_mode_preserved_and_no_parameter_grads():
+    model = tiny_cnn()
+    x, y = _batch()
+    for training in (True, False):
+        model.train(training)
+        iaat.pgd_attack(model, x, y, 0.1, steps=3, restarts=2)
+        assert model.training is training
+        assert all(p.grad is None for p in model.parameters())
+    x.requires_grad_(False)
+    assert x.grad is None
+
+
+def test_attack_under_no_grad_context():
+    model = tiny_cnn().eval()
+    x, y = _batch()
+    with torch.no_grad():
+        x_adv = iaat.pgd_attack(model, x, y, 0.1, steps=3)
+    assert (x_adv - x).abs().max() > 0
+
+
+def test_bad_eps_shape_is_rejected():
+    model = tiny_cnn()
+    x, y = _batch(4)
+    try:
+        iaat.pgd_attack(model, x, y, torch.zeros(3))
+    except ValueError as err:
+        assert "shape (4,)" in str(err)
+    else:
+        raise AssertionError("a (3,) eps for a batch of 4 was accepted")
