@@ -78,7 +78,7 @@ def test_short_run_writes_every_output(tmp_path):
     hist = np.load(out / "eps_history.npy")
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert hist.shape == (3, 192) and ckpt["epoch"] == 3
-    assert np.allclose(hist[0], 0.3)  # warmup epoch: memory untouched at eps_init = eps_w
+    assert np.allclose(hist[0], 0.2)  # warmup epoch: memory untouched at eps_init = eps_w
     assert hist[2].std() > 0  # Alg 2 gives samples different radii
     assert np.array_equal(hist[-1], ckpt["eps_memory"].numpy())
     assert set(ckpt["rng"]) >= {"torch"} and ckpt["config"]["gamma"] == pytest.approx(0.05)
@@ -153,7 +153,7 @@ def test_sigterm_saves_mid_epoch_and_resumes(tmp_path, uninterrupted):
     _assert_same_final_state(uninterrupted, out)
 
 
-@pytest.mark.parametrize("method,eps", [("at", 0.3), ("clean", 0.0)])
+@pytest.mark.parametrize("method,eps", [("at", 0.2), ("clean", 0.0)])
 def test_baselines_train(tmp_path, method, eps):
     out = tmp_path / method
     r = run_cli(*QUICK, "--epochs", "1", "--method", method, "--out", out)
