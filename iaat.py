@@ -8,10 +8,14 @@ survives a larger attack and shrinks it where another class lies close by (paper
 Run it (every flag has --help with its unit and paper source):
 
     pip install -r requirements.txt -e .       # set-up (CPU or GPU)
-    python iaat.py                             # IAAT on the embedded digits data, CPU, ~1 min
+    python iaat.py                             # IAAT on the embedded digits data, CPU, 1-2 min
     python iaat.py --method at                 # Madry PGD-AT baseline at the same eps
     python iaat.py --dataset cifar10           # paper Table 10 preset: PreAct ResNet-18, 200 ep
     python iaat.py --dataset cifar100 --model wrn32-10
+
+Measured (README; digits preset, seeds 0-2, 2-core CPU, 30 epochs, PGD-20 at 51/255):
+IAAT natural 0.984 +- 0.000, PGD 0.563 +- 0.020; PGD-AT natural 0.968 +- 0.002, PGD 0.557 +-
+0.019; 53-75 s of training per IAAT run.
 
 Rerunning a command resumes its run folder (runs/<dataset>-<model>-<method>-seed<seed>).
 Use the two core functions from your own training code:
@@ -777,7 +781,7 @@ def write_eps_history(path: Path, history: np.ndarray) -> None:
     atomic_write(path, save)
 
 
-def plot_run(out: Path, rows: list, history: np.ndarray) -> None:
+def plot_run(out: Path, rows: list, history: np.ndarray, warmup: int = 0) -> None:
     """curves.png (loss, accuracies), eps_hist.png (eps histograms), eps_mean.png."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, safe in notebooks
     if not rows:
@@ -813,6 +817,8 @@ def plot_run(out: Path, rows: list, history: np.ndarray) -> None:
     ax.fill_between(x, np.quantile(h, 0.1, axis=1), np.quantile(h, 0.9, axis=1), alpha=0.3,
                     label="10-90% of samples")
     ax.plot(x, h.mean(1), label="mean")
+    if 0 < warmup < len(h):
+        ax.axvline(warmup, color="gray", linestyle="--", label=f"end of warmup (epoch {warmup})")
     ax.set(xlabel="epoch", ylabel="eps (x/255)", title="eps memory over training (paper Fig 7)")
     ax.legend()
     fig.savefig(out / "eps_mean.png", dpi=110)
@@ -922,7 +928,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
             save_checkpoint(ckpt_path, cfg=cfg, model=model, opt=opt, sched=sched, mem=mem,
                             epoch=epoch, step=0, totals={}, gen=None)
             if epoch == cfg.epochs or (cfg.plot_every and epoch % cfg.plot_every == 0):
-                plot_run(out, rows, history)
+                plot_run(out, rows, history, cfg.warmup)
             if _Stop.requested:
                 raise SystemExit(_stopped(log, out, epoch, 0))
     finally:
@@ -988,7 +994,7 @@ def finish(model, data: Data, cfg: Config, out: Path, rows: list, history, log) 
                "eps_mean_255": float(history[-1].mean() * PIXEL) if len(history) else None,
                "train_seconds": round(sum(r["seconds"] for r in rows), 1)}
     write_json(out / "summary.json", summary)
-    plot_run(out, rows, history)
+    plot_run(out, rows, history, cfg.warmup)
     log(f"final {cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}: natural "
         f"{acc['clean']:.4f} | PGD-{cfg.eval_steps} at {cfg.eps_test * PIXEL:g}/255 "
         f"{acc['robust']:.4f} | mean eps {summary['eps_mean_255'] or 0:.1f}/255 | "

@@ -109,3 +109,18 @@ def test_bad_eps_shape_is_rejected():
         assert "shape (4,)" in str(err)
     else:
         raise AssertionError("a (3,) eps for a batch of 4 was accepted")
+
+
+def test_models_take_images_in_unit_range_and_count_parameters():
+    import pytest
+    x = torch.rand(2, 3, 32, 32)
+    expected = {"resnet18": (11.17, 11.18), "wrn32-10": (46.15, 46.17), "smallcnn": (0.05, 0.2)}
+    for name, (lo, hi) in expected.items():
+        model = iaat.build_model(name, 10, (0.5,) * 3, (0.25,) * 3).eval()
+        assert isinstance(model[0], iaat.Normalize)  # normalisation lives inside the model
+        millions = sum(p.numel() for p in model.parameters()) / 1e6
+        assert lo <= millions <= hi, (name, millions)
+        if name != "wrn32-10":  # WRN-34-10 is slow on CPU; its size check above suffices
+            assert model(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="6n\\+4"):
+        iaat.WideResNet(depth=32)
