@@ -191,7 +191,27 @@ def _show(cfg: Config, name: str, value: float) -> str:
 
 
 def run_dir(cfg: Config) -> Path:
-    return Path(cfg.out or f"runs/{cfg.dataset}-{cfg.model}-{cfg.method}-seed{cfg.seed}")
+    """--out, or runs/<dataset>-<model>-<method>-seed<seed>, plus one tag per setting that
+    differs from the preset (e.g. -warmup0), so different commands never share a folder."""
+    if cfg.out:
+        return Path(cfg.out)
+    preset = make_config(cfg.dataset, cfg.model, method=cfg.method, seed=cfg.seed)
+    tags = [_tag(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(Config)
+            if f.name not in RUNTIME_FIELDS and getattr(cfg, f.name) != getattr(preset, f.name)]
+    name = f"{cfg.dataset}-{cfg.model}-{cfg.method}-seed{cfg.seed}" + "".join(f"-{t}" for t in tags)
+    if len(name) > 120:  # too many overrides to spell out: a stable short hash instead
+        import hashlib
+        name = name[:name.index("-seed")] + f"-seed{cfg.seed}-" + \
+            hashlib.sha1("".join(tags).encode()).hexdigest()[:10]
+    return Path("runs") / name
+
+
+def _tag(name: str, value) -> str:
+    if isinstance(value, bool):
+        return name if value else f"no_{name}"
+    if isinstance(value, tuple):
+        return name + "_".join(map(str, value))
+    return name + _preset_str(name, value) if value is not None else f"{name}None"
 
 
 # ============================================================================================
@@ -412,13 +432,15 @@ def build_model(name: str, num_classes: int, mean, std) -> nn.Module:
 
 @contextmanager
 def model_mode(model: nn.Module, training: bool):
-    """Run a block with model.train(training), then restore the mode it was found in."""
-    was = model.training
+    """Run a block with model.train(training), then give every submodule back its own mode
+    (a BatchNorm deliberately frozen in eval mode inside a training model stays frozen)."""
+    was = {m: m.training for m in model.modules()}
     model.train(training)
     try:
         yield model
     finally:
-        model.train(was)
+        for m, mode in was.items():
+            m.training = mode
 
 
 def _per_sample(v, x: torch.Tensor) -> torch.Tensor:
@@ -438,7 +460,7 @@ def _steps_for(step_size: Step, eps: torch.Tensor, x: torch.Tensor) -> torch.Ten
 
 def _take(v, idx: torch.Tensor):
     """Restrict a per-sample argument (tensor of shape (B,)) to a subset; floats pass through."""
-    return v[idx] if torch.is_tensor(v) and v.dim() > 0 else v
+    return v.to(idx.device)[idx] if torch.is_tensor(v) and v.dim() > 0 else v
 
 
 def _project(x_adv, x, eps):
@@ -489,6 +511,9 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps
     otherwise the one with the highest attack loss. The model's train/eval mode is used as
     found and left as found; gradients are taken for the input only.
     """
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    x = x.detach()  # the result is data, not part of the caller's graph
     eps_b = _per_sample(eps, x)
     step = _steps_for(step_size, eps_b, x)
     best = best_win = best_obj = None
@@ -518,6 +543,7 @@ def pgd_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps
     then fixed, so with `early_exit` it leaves the attack and the rest run on. Call this in
     eval mode: samples are then independent and early exit changes no decision.
     """
+    x = x.detach()
     eps_b = _per_sample(eps, x)
     step = _steps_for(step_size, eps_b, x)
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -557,7 +583,7 @@ def select_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_prev:
     The caller stores eps_i as mem[i] (l.12). Both attacks are measurements: they run in eval
     mode and leave BatchNorm statistics and the model's mode alone.
     """
-    prev = eps_prev.to(x.dtype)
+    prev = eps_prev.to(x.device, x.dtype)
     with model_mode(model, False):
         chosen = prev + gamma
         up_fooled = pgd_fooled(model, x, y, chosen, steps=steps, step_size=step_size)
@@ -707,27 +733,29 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def rng_state(gen: Optional[torch.Generator]) -> dict:
+def rng_state(gen: Optional[torch.Generator], device: torch.device) -> dict:
+    """The CPU generator, this process's GPU generator, and the epoch's data generator."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     if gen is not None:
         state["data"] = gen.get_state()
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_checkpoint(path: Path, *, cfg, model, opt, sched, mem, epoch, step, totals, gen) -> None:
     """Everything needed to resume exactly: weights, optimiser, schedule, eps memory, RNGs."""
-    ckpt = {"format": 1, "config": config_dict(cfg), "epoch": epoch, "step": step,
+    ckpt = {"format": 1, "config": config_dict(cfg), "device": mem.device.type,
+            "epoch": epoch, "step": step,
             "totals": {k: float(v) for k, v in totals.items()}, "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "eps_memory": mem.cpu(), "rng": rng_state(gen)}
+            "eps_memory": mem.cpu(), "rng": rng_state(gen, mem.device)}
     atomic_write(path, lambda p: torch.save(ckpt, p))
 
 
@@ -738,10 +766,16 @@ def load_checkpoint(path: Path, cfg: Config) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, or holding arbitrary objects
         raise IAATError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); move it away to start "
-                        "afresh") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != 1 or "config" not in ckpt:
-        raise IAATError(f"checkpoint {path} is not an iaat checkpoint; move it away to start afresh")
+                        f"{str(err).splitlines()[0] if str(err) else ''}); move the run folder "
+                        "away to start afresh") from None
+    fields = {"config": dict, "device": str, "epoch": int, "step": int, "totals": dict,
+              "model": dict, "optimizer": dict, "scheduler": dict, "eps_memory": torch.Tensor,
+              "rng": dict}
+    bad = [k for k, kind in fields.items() if not isinstance(ckpt, dict) or
+           not isinstance(ckpt.get(k), kind)] if isinstance(ckpt, dict) else ["all"]
+    if bad or ckpt.get("format") != 1:
+        raise IAATError(f"checkpoint {path} is not a complete iaat checkpoint (missing "
+                        f"{', '.join(bad) or 'format 1'}); move the run folder away to start afresh")
     mine, theirs = config_dict(cfg), ckpt["config"]
     diff = [k for k in mine if k not in RUNTIME_FIELDS and mine[k] != theirs.get(k)]
     if diff:
@@ -798,7 +832,7 @@ def plot_run(out: Path, rows: list, history: np.ndarray, warmup: int = 0) -> Non
             ax2.plot(*zip(*pts), label=label, marker="." if len(pts) < 40 else None)
     ax2.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="accuracy")
     ax2.legend()
-    fig.savefig(out / "curves.png", dpi=110)
+    _save_figure(fig, out / "curves.png")
 
     h = history * PIXEL
     fig = Figure(figsize=(6, 3.6), layout="constrained")
@@ -809,7 +843,7 @@ def plot_run(out: Path, rows: list, history: np.ndarray, warmup: int = 0) -> Non
         ax.hist(h[i], bins=bins, histtype="step", label=f"after epoch {i + 1}")
     ax.set(xlabel="eps_i (x/255)", ylabel="training samples", title="eps memory (paper Fig 5)")
     ax.legend()
-    fig.savefig(out / "eps_hist.png", dpi=110)
+    _save_figure(fig, out / "eps_hist.png")
 
     fig = Figure(figsize=(6, 3.6), layout="constrained")
     ax = fig.subplots()
@@ -821,7 +855,11 @@ def plot_run(out: Path, rows: list, history: np.ndarray, warmup: int = 0) -> Non
         ax.axvline(warmup, color="gray", linestyle="--", label=f"end of warmup (epoch {warmup})")
     ax.set(xlabel="epoch", ylabel="eps (x/255)", title="eps memory over training (paper Fig 7)")
     ax.legend()
-    fig.savefig(out / "eps_mean.png", dpi=110)
+    _save_figure(fig, out / "eps_mean.png")
+
+
+def _save_figure(fig, path: Path) -> None:
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
 
 
 # ============================================================================================
@@ -855,8 +893,11 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     out = run_dir(cfg)
     ckpt_path, metrics_path, hist_path = (out / "checkpoint.pt", out / "metrics.jsonl",
                                           out / "eps_history.npy")
-    ckpt = load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else None
+    ckpt = load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else _check_fresh(out)
     device = pick_device(cfg.device)
+    if ckpt is not None and ckpt["device"] != device.type:
+        raise IAATError(f"checkpoint {ckpt_path} was written on {ckpt['device']}, this run is on "
+                        f"{device.type}; resume on {ckpt['device']} (--device) for the same result")
     data = load_data(cfg, device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.mean, data.std).to(device)
@@ -865,27 +906,16 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     mem = torch.full((n,), cfg.eps_init if cfg.eps_init is not None else cfg.eps_w, device=device)
     epoch, step, totals, history = 0, 0, {}, np.zeros((0, n), np.float32)
     if ckpt is not None:
-        try:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            if ckpt["eps_memory"].shape != mem.shape:
-                raise ValueError(f"eps memory of {len(ckpt['eps_memory'])} samples, data has {n}")
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise IAATError(f"checkpoint {ckpt_path} does not match this run: "
-                            f"{str(err).splitlines()[0]}") from None
-        mem.copy_(ckpt["eps_memory"])
-        epoch, step, totals = ckpt["epoch"], ckpt["step"], ckpt["totals"]
-        set_rng_state(ckpt["rng"])
+        epoch, step, totals = restore(ckpt, ckpt_path, model, opt, sched, mem)
         if hist_path.exists():
             history = np.load(hist_path)[:epoch]
         log(f"resuming {out} at epoch {epoch} step {step}")
-    out.mkdir(parents=True, exist_ok=True)
+    lock = claim_run_dir(out)
     rows = read_metrics(metrics_path, epoch)
     if ckpt is None:
         write_json(out / "config.json", config_dict(cfg))
-    prev_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     _Stop.requested = False
+    prev_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     try:
         while epoch < cfg.epochs:
@@ -934,7 +964,57 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     finally:
         if prev_handler is not None:
             signal.signal(signal.SIGTERM, prev_handler)
+        lock.close()
     return finish(model, data, cfg, out, rows, history, log)
+
+
+OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "eps_history.npy", "summary.json", "config.json")
+
+
+def _check_fresh(out: Path) -> None:
+    """A fresh run must not overwrite another run's outputs (say, after its checkpoint was
+    moved away): refuse a folder that holds any of them."""
+    found = [name for name in OUTPUTS if (out / name).exists()]
+    if found:
+        raise IAATError(f"{out} holds {found[0]} but no checkpoint; move the whole folder away "
+                        "or choose another --out")
+
+
+def restore(ckpt: dict, path: Path, model, opt, sched, mem) -> tuple:
+    """Load a checked checkpoint into the run's objects; returns (epoch, step, totals)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if ckpt["eps_memory"].shape != mem.shape:
+            raise ValueError(f"eps memory of {len(ckpt['eps_memory'])} samples, data has "
+                             f"{len(mem)}")
+        if ckpt["step"] and "data" not in ckpt["rng"]:
+            raise KeyError("the mid-epoch data generator state is missing")
+        mem.copy_(ckpt["eps_memory"])
+        set_rng_state(ckpt["rng"], mem.device)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise IAATError(f"checkpoint {path} does not match this run: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    return ckpt["epoch"], ckpt["step"], ckpt["totals"]
+
+
+def claim_run_dir(out: Path):
+    """Create the run folder and lock it for this process (two copies of one command must not
+    train into one folder); remove temporary files a killed writer left. Returns the lock."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): run unlocked
+        pass
+    except OSError:
+        lock.close()
+        raise IAATError(f"another process is training in {out}; wait for it or stop it") from None
+    for stale in out.glob(".*.tmp*"):
+        stale.unlink()
+    return lock
 
 
 def _main_thread() -> bool:
@@ -1070,6 +1150,9 @@ def main(argv=None) -> int:
         cfg = config_from_args(sys.argv[1:] if argv is None else argv)
         train(cfg)
     except IAATError as err:
+        print(f"iaat: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # full disk, no permission, --out naming a file, ...
         print(f"iaat: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -83,13 +83,58 @@ def test_targeted_moves_towards_target():
 def test_model_mode_preserved_and_no_parameter_grads():
     model = tiny_cnn()
     x, y = _batch()
+    x.requires_grad_(True)  # a caller's leaf input must not collect a gradient either
     for training in (True, False):
         model.train(training)
-        iaat.pgd_attack(model, x, y, 0.1, steps=3, restarts=2)
+        x_adv = iaat.pgd_attack(model, x, y, 0.1, steps=3, restarts=2)
         assert model.training is training
         assert all(p.grad is None for p in model.parameters())
-    x.requires_grad_(False)
-    assert x.grad is None
+        assert x.grad is None and not x_adv.requires_grad
+
+
+def test_model_mode_gives_each_submodule_its_own_mode_back():
+    model = tiny_cnn().train()
+    model[1].eval()  # a BatchNorm frozen on purpose inside a training model
+    with iaat.model_mode(model, False):
+        assert not any(m.training for m in model.modules())
+    assert model.training and not model[1].training
+    iaat.select_epsilon(model, *_batch(8), torch.full((8,), 0.1), gamma=0.05, beta=0.1, steps=2)
+    assert model.training and not model[1].training
+
+
+def test_random_start_stays_in_the_box():
+    model = tiny_cnn()
+    x = torch.cat([torch.zeros(8, 1, 8, 8), torch.ones(8, 1, 8, 8)])
+    y = torch.zeros(16, dtype=torch.long)
+    x_adv = iaat.pgd_attack(model, x, y, 0.3, steps=0)  # the random start alone
+    assert x_adv.min() >= 0 and x_adv.max() <= 1 and (x_adv != x).any()
+
+
+def test_restarts_must_be_positive():
+    import pytest
+    with pytest.raises(ValueError, match="restarts"):
+        iaat.pgd_attack(tiny_cnn(), *_batch(4), 0.1, restarts=0)
+
+
+class FooledOnce(torch.nn.Module):
+    """Classifies every input as class 0, except on its `bad_call`-th forward pass (class 1).
+    The logits still depend on x, so PGD has a gradient to follow."""
+    def __init__(self, bad_call):
+        super().__init__()
+        self.calls, self.bad_call = 0, bad_call
+
+    def forward(self, x):
+        self.calls += 1
+        s = x.flatten(1).sum(1, keepdim=True) * 1e-3
+        bias = torch.tensor([0.0, 5.0]) if self.calls == self.bad_call else torch.tensor([5.0, 0.0])
+        return torch.cat([s, -s], 1) + bias
+
+
+def test_fooled_means_some_iterate_is_misclassified():
+    x, y = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    for bad_call in (1, 3, 6):  # the random start, a middle iterate, the last iterate (5 steps)
+        assert iaat.pgd_fooled(FooledOnce(bad_call), x, y, 0.1, steps=5, step_size=0.01).all()
+    assert not iaat.pgd_fooled(FooledOnce(99), x, y, 0.1, steps=5, step_size=0.01).any()
 
 
 def test_attack_under_no_grad_context():

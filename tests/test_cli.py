@@ -104,6 +104,50 @@ def test_nan_loss_leaves_the_last_good_checkpoint(tmp_path, monkeypatch, capsys)
                                                         "eps_history.npy")]
 
 
+def test_incomplete_checkpoint_is_reported(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*QUICK, "--out", out).returncode == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ckpt["rng"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    _one_line_error(run_cli(*QUICK, "--out", out), "not a complete iaat checkpoint", "rng")
+
+
+def test_checkpoint_from_another_device_type_is_reported(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*QUICK, "--out", out).returncode == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["device"] = "cuda"
+    torch.save(ckpt, out / "checkpoint.pt")
+    _one_line_error(run_cli(*QUICK, "--out", out), "written on cuda, this run is on cpu")
+
+
+def test_fresh_run_never_overwrites_another_runs_outputs(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*QUICK, "--out", out).returncode == 0
+    (out / "checkpoint.pt").rename(tmp_path / "moved.pt")  # only the checkpoint moved away
+    before = (out / "metrics.jsonl").read_text()
+    _one_line_error(run_cli(*QUICK, "--out", out), "but no checkpoint", "move the whole folder")
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_out_naming_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    _one_line_error(run_cli(*QUICK, "--out", tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_a_run_folder_is_locked_and_stale_temporary_files_go(tmp_path):
+    import iaat
+    (tmp_path / ".checkpoint.pt.tmp999").write_bytes(b"left by a killed writer")
+    lock = iaat.claim_run_dir(tmp_path)
+    assert not (tmp_path / ".checkpoint.pt.tmp999").exists()
+    with pytest.raises(iaat.IAATError, match="another process is training"):
+        iaat.claim_run_dir(tmp_path)
+    lock.close()
+    iaat.claim_run_dir(tmp_path).close()
+
+
 def test_help_explains_units_and_sources():
     r = run_cli("--help")
     assert r.returncode == 0

@@ -86,16 +86,26 @@ def test_select_epsilon_is_algorithm_2(beta):
         assert all(torch.isclose(eps, c, atol=1e-6).sum() > 20 for c in (up, stay, down))
 
 
-def test_down_candidate_is_clipped_at_zero_and_range_is_honoured():
+def test_down_candidate_is_clipped_at_zero_before_the_ema():
+    model, x, y = linear_problem(n=2000, seed=2)
+    d = distance_to_boundary(model, x, y)
+    keep = (d > 0.05 * GAMMA) & (d < 0.5 * GAMMA)  # fooled even at prev = 0.75 gamma
+    x, y = x[keep], y[keep]
+    assert len(y) >= 5
+    prev = torch.full((len(y),), 0.75 * GAMMA)
+    eps = iaat.select_epsilon(model, x, y, prev, gamma=GAMMA, beta=0.1, steps=STEPS, step_size=STEP)
+    # chosen = max(prev - gamma, 0) = 0, so eps = 0.9 prev; clipping after the EMA would give
+    # 0.9 prev + 0.1 (prev - gamma) = 0.9 prev - 0.025 gamma
+    torch.testing.assert_close(eps, 0.9 * prev, atol=1e-7, rtol=0)
+
+
+def test_eps_min_and_eps_max_clip_the_result():
     model, x, y, d, prev = _problem_with_prev()
-    prev0 = torch.full_like(prev, 0.5)  # fooled at prev + gamma and at prev: chooses prev - gamma
-    eps = iaat.select_epsilon(model, x, y, prev0 * 0 + 0.01, gamma=GAMMA, beta=1.0, steps=STEPS,
-                              step_size=STEP)
-    assert torch.all(eps >= 0)
     eps = iaat.select_epsilon(model, x, y, prev, gamma=GAMMA, beta=1.0, steps=STEPS,
                               step_size=STEP, eps_min=0.05, eps_max=0.2)
     want = np.clip(alg2_reference(d.numpy(), prev.numpy(), GAMMA, 1.0), 0.05, 0.2)
     np.testing.assert_allclose(eps.numpy(), want, atol=1e-6)
+    assert (want == 0.05).any() and (want == 0.2).any()  # both clips are exercised
 
 
 def test_second_attack_runs_on_the_fooled_subset_only(monkeypatch):
