@@ -341,6 +341,8 @@ class SmallCNN(nn.Module):
 
 
 class PreActBlock(nn.Module):
+    """BN-ReLU-conv x2 with a 1x1 projection shortcut where the shape changes (He et al. 2016);
+    the block of both PreAct ResNet-18 and WideResNet."""
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
@@ -374,20 +376,6 @@ class PreActResNet18(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-class WideBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if cin != cout else None
-
-    def forward(self, x):
-        out = F.relu(self.bn1(x))
-        skip = self.shortcut(out) if self.shortcut is not None else x
-        return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
-
-
 class WideResNet(nn.Module):
     """WideResNet (Zagoruyko & Komodakis) with (depth - 4) / 6 blocks per stage.
 
@@ -404,7 +392,7 @@ class WideResNet(nn.Module):
         layers, cin = [], widths[0]
         for cout, stride in zip(widths[1:], (1, 2, 2)):
             for i in range(n):
-                layers.append(WideBlock(cin, cout, stride if i == 0 else 1))
+                layers.append(PreActBlock(cin, cout, stride if i == 0 else 1))
                 cin = cout
         self.layers = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(cin)
