@@ -651,8 +651,12 @@ def training_inputs(model, x, y, eps: torch.Tensor, correct: torch.Tensor, cfg: 
                           step_size=step_rule(cfg))
 
 
-def train_step(model, opt, x, y, idx, mem, epoch: int, cfg: Config) -> dict:
-    """One SGD step of IAAT (Alg 1), PGD-AT (eps_w for all, no S-) or clean training."""
+def train_step(model, opt, x, y, idx, mem, epoch: int, cfg: Config, net=None) -> dict:
+    """One SGD step of IAAT (Alg 1), PGD-AT (eps_w for all, no S-) or clean training.
+
+    Attacks and selection use the bare `model`; the training forward and backward go through
+    `net`, its DistributedDataParallel wrapper under torchrun (gradients are averaged there).
+    """
     if cfg.method == "iaat":
         correct = clean_correct(model, x, y)
         eps = choose_epsilon(model, x, y, idx, mem, epoch, cfg)
@@ -664,7 +668,7 @@ def train_step(model, opt, x, y, idx, mem, epoch: int, cfg: Config) -> dict:
     else:
         eps, x_in = torch.zeros_like(mem[idx]), x
     model.train()
-    logits = model(x_in)
+    logits = (net or model)(x_in)
     loss = F.cross_entropy(logits, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -690,18 +694,104 @@ def make_optimizer(model, cfg: Config):
 
 def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
              step_size: float, restarts: int = 1, batch_size: int = 500) -> dict:
-    """Natural and PGD accuracy, in eval mode and FP32; sums over batches, then one division."""
-    clean = robust = 0
+    """Natural and PGD accuracy, in eval mode and FP32. Under torchrun each process takes a
+    shard of the examples and the correct counts are summed over processes: exact, never a
+    mean of per-process means."""
+    d = current_dist()
+    shard = torch.arange(len(y), device=y.device).tensor_split(d.world)[d.rank]
+    counts = torch.zeros(2, device=y.device)  # correct clean, correct under attack
     with model_mode(model, False):
-        for i in range(0, len(y), batch_size):
-            x, t = to_float(x_u8[i:i + batch_size]), y[i:i + batch_size]
+        for batch in shard.split(batch_size):
+            x, t = to_float(x_u8[batch]), y[batch]
             with torch.no_grad():
-                clean += (model(x).argmax(1) == t).sum().item()
+                counts[0] += (model(x).argmax(1) == t).sum()
             x_adv = pgd_attack(model, x, t, eps, steps=steps, step_size=step_size,
                                restarts=restarts)
             with torch.no_grad():
-                robust += (model(x_adv).argmax(1) == t).sum().item()
+                counts[1] += (model(x_adv).argmax(1) == t).sum()
+    clean, robust = all_sum(counts).tolist()
     return {"clean": clean / len(y), "robust": robust / len(y)}
+
+
+# ============================================================================================
+# Distributed: torchrun processes, shards of each global batch, one consistent eps memory
+# ============================================================================================
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:  # rank 0 alone logs and writes files
+        return self.rank == 0
+
+
+def current_dist() -> Dist:
+    import torch.distributed as tdist
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return Dist()
+    return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device_name: str) -> bool:
+    """Join the process group when torchrun started us with more than one process (it sets
+    RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables): nccl on GPUs, gloo on CPU."""
+    import torch.distributed as tdist
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or tdist.is_initialized():
+        return False
+    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (in place); a no-op in a single process."""
+    if current_dist().world > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def shard(chunk: torch.Tensor, d: Dist) -> torch.Tensor:
+    """This process's part of a global batch: contiguous, disjoint, sizes differ by at most
+    one, so the per-process batch is global batch / world and every index is visited once."""
+    return chunk.tensor_split(d.world)[d.rank]
+
+
+def sync_memory(mem: torch.Tensor, chunk: torch.Tensor, d: Dist) -> None:
+    """After a step, every process has written eps for its own shard of `chunk` into its copy
+    of the memory; all-gather those values so that every copy holds all of them."""
+    if d.world == 1:
+        return
+    parts = chunk.tensor_split(d.world)
+    mine = torch.zeros(len(parts[0]), device=mem.device)  # the first part is the longest
+    mine[:len(parts[d.rank])] = mem[parts[d.rank]]
+    gathered = [torch.empty_like(mine) for _ in parts]
+    torch.distributed.all_gather(gathered, mine)
+    for part, values in zip(parts, gathered):
+        mem[part] = values[:len(part)]
+
+
+def any_process(flag: bool, device) -> bool:
+    """True on every process if it is true on one (all processes stop at the same step)."""
+    if current_dist().world == 1:
+        return flag
+    return bool(all_sum(torch.tensor([float(flag)], device=device)) > 0)
+
+
+def memory_digests(mem: torch.Tensor) -> list:
+    """SHA-1 of every process's eps memory, gathered to all (they must be identical)."""
+    import hashlib
+    digest = hashlib.sha1(mem.detach().cpu().numpy().tobytes()).hexdigest()
+    if current_dist().world == 1:
+        return [digest]
+    everyone = [None] * current_dist().world
+    torch.distributed.all_gather_object(everyone, digest)
+    return everyone
 
 
 # ============================================================================================
@@ -737,13 +827,14 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(path: Path, *, cfg, model, opt, sched, mem, epoch, step, totals, gen) -> None:
+def save_checkpoint(path: Path, *, cfg, model, opt, sched, mem, visits, epoch, step, totals,
+                    gen) -> None:
     """Everything needed to resume exactly: weights, optimiser, schedule, eps memory, RNGs."""
     ckpt = {"format": 1, "config": config_dict(cfg), "device": mem.device.type,
             "epoch": epoch, "step": step,
             "totals": {k: float(v) for k, v in totals.items()}, "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "eps_memory": mem.cpu(), "rng": rng_state(gen, mem.device)}
+            "eps_memory": mem.cpu(), "eps_visits": visits.cpu(), "rng": rng_state(gen, mem.device)}
     atomic_write(path, lambda p: torch.save(ckpt, p))
 
 
@@ -758,7 +849,7 @@ def load_checkpoint(path: Path, cfg: Config) -> dict:
                         "away to start afresh") from None
     fields = {"config": dict, "device": str, "epoch": int, "step": int, "totals": dict,
               "model": dict, "optimizer": dict, "scheduler": dict, "eps_memory": torch.Tensor,
-              "rng": dict}
+              "eps_visits": torch.Tensor, "rng": dict}
     bad = [k for k, kind in fields.items() if not isinstance(ckpt, dict) or
            not isinstance(ckpt.get(k), kind)] if isinstance(ckpt, dict) else ["all"]
     if bad or ckpt.get("format") != 1:
@@ -863,12 +954,13 @@ def _on_sigterm(signum, frame):
     _Stop.requested = True
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto: this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise IAATError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
@@ -876,84 +968,129 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
 
     Writes checkpoint.pt, metrics.jsonl, eps_history.npy, curves.png, eps_hist.png,
     eps_mean.png and summary.json. Raises IAATError on bad input or a non-finite loss.
+    Under torchrun every process runs this; each trains on its shard of every global batch,
+    the eps memories are kept identical, and rank 0 alone logs and writes.
     """
     from tqdm.auto import tqdm
+    d = current_dist()
+    log = log if d.main else (lambda msg: None)
     out = run_dir(cfg)
     ckpt_path, metrics_path, hist_path = (out / "checkpoint.pt", out / "metrics.jsonl",
                                           out / "eps_history.npy")
     ckpt = load_checkpoint(ckpt_path, cfg) if ckpt_path.exists() else _check_fresh(out)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, d.local_rank)
     if ckpt is not None and ckpt["device"] != device.type:
         raise IAATError(f"checkpoint {ckpt_path} was written on {ckpt['device']}, this run is on "
                         f"{device.type}; resume on {ckpt['device']} (--device) for the same result")
     data = load_data(cfg, device)
+    n = len(data.train_y)
+    if 0 < n % cfg.batch_size < d.world:
+        raise IAATError(f"the last batch of each epoch ({n % cfg.batch_size} images) cannot be "
+                        f"shared by {d.world} processes; choose another --batch-size")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.mean, data.std).to(device)
+    net = model if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     opt, sched = make_optimizer(model, cfg)
-    n = len(data.train_y)
     mem = torch.full((n,), cfg.eps_init if cfg.eps_init is not None else cfg.eps_w, device=device)
+    visits = torch.zeros(n, dtype=torch.int32, device=device)  # Alg 2 updates of each sample
     epoch, step, totals, history = 0, 0, {}, np.zeros((0, n), np.float32)
     if ckpt is not None:
-        epoch, step, totals = restore(ckpt, ckpt_path, model, opt, sched, mem)
-        if hist_path.exists():
+        epoch, step, totals = restore(ckpt, ckpt_path, model, opt, sched, mem, visits)
+        if hist_path.exists() and d.main:
             history = np.load(hist_path)[:epoch]
         log(f"resuming {out} at epoch {epoch} step {step}")
-    lock = claim_run_dir(out)
+    if d.rank > 0:  # its own attack random starts; the saved totals are counted on rank 0
+        torch.manual_seed(cfg.seed + 7919 * d.rank + 104729 * (epoch * 100_003 + step))
+        totals = {}
+    if d.world > 1:
+        torch.distributed.barrier()  # every process has read the folder before rank 0 writes
+    lock = claim_run_dir(out) if d.main else None
     rows = read_metrics(metrics_path, epoch)
-    if ckpt is None:
+    if ckpt is None and d.main:
         write_json(out / "config.json", config_dict(cfg))
     _Stop.requested = False
     prev_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     steps_per_epoch = math.ceil(n / cfg.batch_size)
+
+    def save(epoch, step, totals, gen):
+        if d.main:
+            save_checkpoint(ckpt_path, cfg=cfg, model=model, opt=opt, sched=sched, mem=mem,
+                            visits=visits, epoch=epoch, step=step, totals=totals, gen=gen)
     try:
         while epoch < cfg.epochs:
             t0 = time.time() - totals.get("time", 0.0)
-            gen = epoch_generator(cfg.seed, epoch, device)
-            perm = torch.randperm(n, generator=gen, device=device)
-            if step:
-                gen.set_state(ckpt["rng"]["data"])
+            perm, gen = epoch_streams(cfg, d, epoch, n, device,
+                                      ckpt["rng"].get("data") if step else None)
             sums = {k: torch.tensor(v, device=device) for k, v in totals.items() if k != "time"}
             bar = tqdm(range(step, steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       leave=False, disable=None, initial=step, total=steps_per_epoch)
+                       leave=False, disable=None if d.main else True, initial=step,
+                       total=steps_per_epoch)
             for step in bar:
-                idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                chunk = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]  # global batch
+                idx = shard(chunk, d)
                 x, y = augment(data.train_x[idx], data.augment, gen), data.train_y[idx]
-                for k, v in train_step(model, opt, x, y, idx, mem, epoch, cfg).items():
+                for k, v in train_step(model, opt, x, y, idx, mem, epoch, cfg, net).items():
                     sums[k] = sums.get(k, 0) + v
-                done = step + 1 < steps_per_epoch and (
-                    _Stop.requested or (cfg.save_every and (step + 1) % cfg.save_every == 0))
-                if done:
-                    _check_finite(sums, model, epoch, step, ckpt_path)
-                    totals = {k: float(v) for k, v in sums.items()}
+                if cfg.method == "iaat" and epoch >= cfg.warmup:
+                    sync_memory(mem, chunk, d)
+                    visits[chunk] += 1
+                stop = any_process(_Stop.requested, device)
+                if step + 1 < steps_per_epoch and (
+                        stop or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
+                    totals = global_totals(sums)
+                    _check_finite(totals["loss"], model, epoch, step, ckpt_path)
                     totals["time"] = time.time() - t0
-                    save_checkpoint(ckpt_path, cfg=cfg, model=model, opt=opt, sched=sched,
-                                    mem=mem, epoch=epoch, step=step + 1, totals=totals, gen=gen)
-                    if _Stop.requested:
+                    save(epoch, step + 1, totals, gen)
+                    if stop:
                         raise SystemExit(_stopped(log, out, epoch, step + 1))
             bar.close()
-            _check_finite(sums, model, epoch, steps_per_epoch, ckpt_path)
+            totals = global_totals(sums)
+            _check_finite(totals["loss"], model, epoch, steps_per_epoch, ckpt_path)
             sched.step()
-            epoch, step, totals = epoch + 1, 0, {}
+            epoch, step = epoch + 1, 0
             if cfg.method == "at":
                 mem.fill_(cfg.eps_w)
             elif cfg.method == "clean":
                 mem.zero_()
-            history = np.concatenate([history, mem.cpu().numpy()[None]])
-            rows.append(_epoch_row(model, data, cfg, epoch, sums, opt, time.time() - t0))
+            rows.append(_epoch_row(model, data, cfg, epoch, totals, opt, time.time() - t0))
+            totals = {}
             log(_format_row(rows[-1], cfg))
-            write_eps_history(hist_path, history)
-            write_metrics(metrics_path, rows)
-            save_checkpoint(ckpt_path, cfg=cfg, model=model, opt=opt, sched=sched, mem=mem,
-                            epoch=epoch, step=0, totals={}, gen=None)
-            if epoch == cfg.epochs or (cfg.plot_every and epoch % cfg.plot_every == 0):
-                plot_run(out, rows, history, cfg.warmup)
-            if _Stop.requested:
+            if d.main:
+                history = np.concatenate([history, mem.cpu().numpy()[None]])
+                write_eps_history(hist_path, history)
+                write_metrics(metrics_path, rows)
+                save(epoch, 0, {}, None)
+                if epoch == cfg.epochs or (cfg.plot_every and epoch % cfg.plot_every == 0):
+                    plot_run(out, rows, history, cfg.warmup)
+            if any_process(_Stop.requested, device):
                 raise SystemExit(_stopped(log, out, epoch, 0))
     finally:
         if prev_handler is not None:
             signal.signal(signal.SIGTERM, prev_handler)
-        lock.close()
-    return finish(model, data, cfg, out, rows, history, log)
+        if lock is not None:
+            lock.close()
+    return finish(model, data, cfg, out, rows, history, mem, visits, log)
+
+
+def epoch_streams(cfg: Config, d: Dist, epoch: int, n: int, device, saved_state=None):
+    """The epoch's permutation (the same on every process) and this process's augmentation
+    generator: rank 0 continues the permutation's generator (restored mid-epoch from
+    `saved_state`), other ranks draw their own."""
+    gen = epoch_generator(cfg.seed, epoch, device)
+    perm = torch.randperm(n, generator=gen, device=device)
+    if d.rank > 0:
+        gen = epoch_generator(cfg.seed + 7919 * d.rank, epoch, device)
+    elif saved_state is not None:
+        gen.set_state(saved_state)
+    return perm, gen
+
+
+def global_totals(sums: dict) -> dict:
+    """The epoch's running sums over all processes, as floats (one all-reduce)."""
+    keys = sorted(sums)
+    values = all_sum(torch.stack([sums[k].double() for k in keys])).tolist()
+    return dict(zip(keys, values))
 
 
 OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "eps_history.npy", "summary.json", "config.json")
@@ -968,7 +1105,7 @@ def _check_fresh(out: Path) -> None:
                         "or choose another --out")
 
 
-def restore(ckpt: dict, path: Path, model, opt, sched, mem) -> tuple:
+def restore(ckpt: dict, path: Path, model, opt, sched, mem, visits) -> tuple:
     """Load a checked checkpoint into the run's objects; returns (epoch, step, totals)."""
     try:
         model.load_state_dict(ckpt["model"])
@@ -980,6 +1117,7 @@ def restore(ckpt: dict, path: Path, model, opt, sched, mem) -> tuple:
         if ckpt["step"] and "data" not in ckpt["rng"]:
             raise KeyError("the mid-epoch data generator state is missing")
         mem.copy_(ckpt["eps_memory"])
+        visits.copy_(ckpt["eps_visits"])
         set_rng_state(ckpt["rng"], mem.device)
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise IAATError(f"checkpoint {path} does not match this run: "
@@ -1016,9 +1154,9 @@ def _stopped(log, out, epoch, step) -> int:
     return 143
 
 
-def _check_finite(sums: dict, model, epoch: int, step: int, ckpt_path: Path) -> None:
+def _check_finite(loss: float, model, epoch: int, step: int, ckpt_path: Path) -> None:
     """Stop before a non-finite loss or weight reaches a checkpoint; the last good one stays."""
-    finite = math.isfinite(float(sums["loss"])) and all(
+    finite = math.isfinite(loss) and all(
         bool(torch.isfinite(p).all()) for p in model.parameters())
     if not finite:
         kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else \
@@ -1051,18 +1189,26 @@ def _format_row(r: dict, cfg: Config) -> str:
     return s + f" | {r['seconds']:.1f}s"
 
 
-def finish(model, data: Data, cfg: Config, out: Path, rows: list, history, log) -> dict:
-    """Natural and PGD-20 accuracy on the whole test set at eps_test; summary.json and a line."""
+def finish(model, data: Data, cfg: Config, out: Path, rows: list, history, mem, visits,
+           log) -> dict:
+    """Natural and PGD-20 accuracy on the whole test set at eps_test; summary.json and a line.
+    Also checks that every process ended with the same eps memory."""
     acc = evaluate(model, data.test_x, data.test_y, eps=cfg.eps_test, steps=cfg.eval_steps,
                    step_size=cfg.eval_step_size, batch_size=cfg.eval_batch)
+    digests = memory_digests(mem)
+    if len(set(digests)) > 1:
+        raise IAATError(f"the eps memories of the {len(digests)} processes differ: {digests}")
     summary = {"run": str(out), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
                "seed": cfg.seed, "epochs": cfg.epochs, "natural_acc": acc["clean"],
                "pgd_acc": acc["robust"], "pgd": f"PGD-{cfg.eval_steps}",
                "eps_test_255": cfg.eps_test * PIXEL,
-               "eps_mean_255": float(history[-1].mean() * PIXEL) if len(history) else None,
+               "eps_mean_255": float(mem.double().mean() * PIXEL) if rows else None,
+               "eps_updates_per_sample": [int(visits.min()), int(visits.max())],
+               "processes": current_dist().world, "eps_memory_sha1": digests[0],
                "train_seconds": round(sum(r["seconds"] for r in rows), 1)}
-    write_json(out / "summary.json", summary)
-    plot_run(out, rows, history, cfg.warmup)
+    if current_dist().main:
+        write_json(out / "summary.json", summary)
+        plot_run(out, rows, history, cfg.warmup)
     log(f"final {cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}: natural "
         f"{acc['clean']:.4f} | PGD-{cfg.eval_steps} at {cfg.eps_test * PIXEL:g}/255 "
         f"{acc['robust']:.4f} | mean eps {summary['eps_mean_255'] or 0:.1f}/255 | "
@@ -1134,8 +1280,10 @@ def config_from_args(argv) -> Config:
 
 def main(argv=None) -> int:
     """`python iaat.py [flags]`: train (or resume) one run and print its final summary."""
+    joined = False
     try:
         cfg = config_from_args(sys.argv[1:] if argv is None else argv)
+        joined = init_distributed(cfg.device)
         train(cfg)
     except IAATError as err:
         print(f"iaat: error: {err}", file=sys.stderr)
@@ -1147,6 +1295,9 @@ def main(argv=None) -> int:
         print("iaat: interrupted; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
         return 130
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
     return 0
 
 
