@@ -745,7 +745,18 @@ def init_distributed(device_name: str) -> bool:
     device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # After a restart (--max-restarts) torchrun's store still holds the addresses of the
+        # dead attempt's processes, and gloo would connect to those; key this attempt apart.
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=False)
+        tdist.init_process_group(backend, store=tdist.PrefixStore(f"iaat/attempt{attempt}", base),
+                                 rank=rank, world_size=world)
+    else:
+        tdist.init_process_group(backend)
     return True
 
 
@@ -762,18 +773,25 @@ def shard(chunk: torch.Tensor, d: Dist) -> torch.Tensor:
     return chunk.tensor_split(d.world)[d.rank]
 
 
-def sync_memory(mem: torch.Tensor, chunk: torch.Tensor, d: Dist) -> None:
-    """After a step, every process has written eps for its own shard of `chunk` into its copy
-    of the memory; all-gather those values so that every copy holds all of them."""
-    if d.world == 1:
-        return
-    parts = chunk.tensor_split(d.world)
-    mine = torch.zeros(len(parts[0]), device=mem.device)  # the first part is the longest
-    mine[:len(parts[d.rank])] = mem[parts[d.rank]]
-    gathered = [torch.empty_like(mine) for _ in parts]
-    torch.distributed.all_gather(gathered, mine)
-    for part, values in zip(parts, gathered):
-        mem[part] = values[:len(part)]
+def sync_memory(mem: torch.Tensor, visits: torch.Tensor, idx: torch.Tensor, width: int,
+                d: Dist) -> None:
+    """After a step every process has written eps for its own samples `idx` into its copy of
+    the memory. All-gather the (index, eps) pairs, so that every copy holds every update, and
+    count the updates each sample received in `visits` (once per epoch if the shards are
+    right). `width` is the largest shard size of this global batch."""
+    if d.world > 1:
+        ids = torch.full((width,), -1, dtype=torch.long, device=mem.device)
+        ids[:len(idx)] = idx
+        vals = torch.zeros(width, device=mem.device)
+        vals[:len(idx)] = mem[idx]
+        all_ids, all_vals = [torch.empty_like(ids) for _ in range(d.world)], \
+            [torch.empty_like(vals) for _ in range(d.world)]
+        torch.distributed.all_gather(all_ids, ids)
+        torch.distributed.all_gather(all_vals, vals)
+        ids, vals = torch.cat(all_ids), torch.cat(all_vals)
+        idx, keep = ids[ids >= 0], ids >= 0
+        mem[idx] = vals[keep]
+    visits.index_add_(0, idx, torch.ones_like(idx, dtype=visits.dtype))
 
 
 def any_process(flag: bool, device) -> bool:
@@ -1033,8 +1051,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
                 for k, v in train_step(model, opt, x, y, idx, mem, epoch, cfg, net).items():
                     sums[k] = sums.get(k, 0) + v
                 if cfg.method == "iaat" and epoch >= cfg.warmup:
-                    sync_memory(mem, chunk, d)
-                    visits[chunk] += 1
+                    sync_memory(mem, visits, idx, math.ceil(len(chunk) / d.world), d)
                 stop = any_process(_Stop.requested, device)
                 if step + 1 < steps_per_epoch and (
                         stop or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
@@ -1204,7 +1221,7 @@ def finish(model, data: Data, cfg: Config, out: Path, rows: list, history, mem, 
                "eps_test_255": cfg.eps_test * PIXEL,
                "eps_mean_255": float(mem.double().mean() * PIXEL) if rows else None,
                "eps_updates_per_sample": [int(visits.min()), int(visits.max())],
-               "processes": current_dist().world, "eps_memory_sha1": digests[0],
+               "processes": current_dist().world, "eps_memory_sha1_per_process": digests,
                "train_seconds": round(sum(r["seconds"] for r in rows), 1)}
     if current_dist().main:
         write_json(out / "summary.json", summary)

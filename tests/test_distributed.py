@@ -1,0 +1,135 @@
+"""torchrun on CPU with gloo, 2 processes, digits: one consistent eps memory, exact metrics,
+resume across process counts, and a rank killed under --max-restarts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+ARGS = ["--epochs", "6", "--warmup", "2", "--n-train", "600", "--batch-size", "64",
+        "--eval-subset", "200", "--eval-steps", "5"]
+UPDATES = 6 - 2  # Alg 2 updates of every sample: once per epoch after warmup
+
+
+def torchrun(*args, nproc=2, extra=(), timeout=600, wait=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", *extra, str(ROOT / "iaat.py"), *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def summary(out):
+    return json.loads((Path(out) / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "run"
+    r = torchrun(*ARGS, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    r = run_cli(*ARGS, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_memory_identical_on_both_ranks_and_updated_once_per_epoch(two):
+    out, r = two
+    s = summary(out)
+    assert s["processes"] == 2
+    digests = s["eps_memory_sha1_per_process"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    visits = ckpt["eps_visits"]
+    assert len(visits) == 600 and torch.all(visits == UPDATES)  # no sample twice, none missed
+    assert ckpt["eps_memory"].std() > 0  # Alg 2 did move the radii
+    assert s["eps_updates_per_sample"] == [UPDATES, UPDATES]
+
+
+def test_only_rank_zero_writes_and_logs(two):
+    out, r = two
+    assert r.stdout.count("final digits smallcnn iaat") == 1
+    assert sum(line.startswith("epoch ") for line in r.stdout.splitlines()) == 6
+    assert not list(out.glob(".*.tmp*"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5, 6]
+    # exact metrics: counts summed over ranks, so every accuracy is a multiple of 1/N
+    assert all(round(row["test_clean"] * 200, 6).is_integer() for row in rows)
+    assert round(summary(out)["natural_acc"] * 497, 6).is_integer()
+
+
+def test_accuracy_in_the_range_of_one_process(two, one):
+    s2, s1 = summary(two[0]), summary(one)
+    assert s1["processes"] == 1 and s2["processes"] == 2
+    assert s1["natural_acc"] > 0.5 and s2["natural_acc"] > 0.5  # both learnt something
+    assert abs(s2["natural_acc"] - s1["natural_acc"]) < 0.1
+    assert abs(s2["pgd_acc"] - s1["pgd_acc"]) < 0.1
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
+def test_resume_with_another_number_of_processes(tmp_path, first, second):
+    out = tmp_path / "run"
+    short = [a if a != "6" else "3" for a in ARGS]  # the same run, stopped after 3 epochs
+    launch = lambda n, args: torchrun(*args, "--out", out, nproc=n) if n > 1 else \
+        run_cli(*args, "--out", out)  # noqa: E731
+    r = launch(first, short)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    r = launch(second, ARGS)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stdout and "at epoch 3 step 0" in r.stdout
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 6 and torch.all(ckpt["eps_visits"] == UPDATES)
+    assert summary(out)["processes"] == second
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def _worker_pid(out, rank):
+    """The PID of the torchrun worker of `rank` training into `out` (read from /proc)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(out).encode() in cmdline and f"RANK={rank}".encode() in environ \
+                and b"iaat.py" in b" ".join(cmdline) and b"torch.distributed.run" not in b" ".join(cmdline):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_a_killed_rank_restarts_and_resumes_from_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(*ARGS, "--save-every", "3", "--out", out, extra=["--max-restarts", "1"],
+                    wait=False)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists():  # let epoch 1 finish, then kill rank 1
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    pid = _worker_pid(out, 1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resuming" in stdout  # the restarted workers picked up the checkpoint
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 6 and ckpt["step"] == 0
+    assert len(ckpt["eps_memory"]) == 600 and torch.all(ckpt["eps_visits"] == UPDATES)
+    assert torch.isfinite(ckpt["eps_memory"]).all() and summary(out)["processes"] == 2
