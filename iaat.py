@@ -12,6 +12,7 @@ Run it (every flag has --help with its unit and paper source):
     python iaat.py --method at                 # Madry PGD-AT baseline at the same eps
     python iaat.py --dataset cifar10           # paper Table 10 preset: PreAct ResNet-18, 200 ep
     python iaat.py --dataset cifar100 --model wrn32-10
+    torchrun --standalone --nproc_per_node=8 iaat.py --dataset cifar10   # DDP, one eps memory
 
 Measured (README; digits preset, seeds 0-2, 2-core CPU, 30 epochs, PGD-20 at 51/255):
 IAAT natural 0.984 +- 0.000, PGD 0.563 +- 0.020; PGD-AT natural 0.968 +- 0.002, PGD 0.557 +-
