@@ -694,11 +694,12 @@ def make_optimizer(model, cfg: Config):
 # ============================================================================================
 
 def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
-             step_size: float, restarts: int = 1, batch_size: int = 500) -> dict:
-    """Natural and PGD accuracy, in eval mode and FP32. Under torchrun each process takes a
-    shard of the examples and the correct counts are summed over processes: exact, never a
-    mean of per-process means."""
-    d = current_dist()
+             step_size: float, restarts: int = 1, batch_size: int = 500,
+             distributed: bool = False) -> dict:
+    """Natural and PGD accuracy, in eval mode and FP32. With `distributed` (every process of a
+    torchrun job must call it then), each process takes a shard of the examples and the
+    correct counts are summed over processes: exact, never a mean of per-process means."""
+    d = current_dist() if distributed else Dist()
     shard = torch.arange(len(y), device=y.device).tensor_split(d.world)[d.rank]
     counts = torch.zeros(2, device=y.device)  # correct clean, correct under attack
     with model_mode(model, False):
@@ -710,7 +711,7 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: floa
                                restarts=restarts)
             with torch.no_grad():
                 counts[1] += (model(x_adv).argmax(1) == t).sum()
-    clean, robust = all_sum(counts).tolist()
+    clean, robust = (all_sum(counts) if distributed else counts).tolist()
     return {"clean": clean / len(y), "robust": robust / len(y)}
 
 
@@ -795,6 +796,26 @@ def sync_memory(mem: torch.Tensor, visits: torch.Tensor, idx: torch.Tensor, widt
     visits.index_add_(0, idx, torch.ones_like(idx, dtype=visits.dtype))
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm statistics): each process updated them
+    on its own shard, and the evaluated and saved model must be one model."""
+    if current_dist().world > 1:
+        for b in model.buffers():
+            torch.distributed.broadcast(b, 0)
+
+
+def same_everywhere(value, what: str) -> None:
+    """Raise on every process if `value` differs between processes (e.g. where each one
+    resumes: the run folder must be on a filesystem all of them share)."""
+    if current_dist().world == 1:
+        return
+    everyone = [None] * current_dist().world
+    torch.distributed.all_gather_object(everyone, value)
+    if any(v != everyone[0] for v in everyone):
+        raise IAATError(f"the processes disagree on {what}: {everyone}; is --out on a "
+                        "filesystem all of them share?")
+
+
 def any_process(flag: bool, device) -> bool:
     """True on every process if it is true on one (all processes stop at the same step)."""
     if current_dist().world == 1:
@@ -802,10 +823,13 @@ def any_process(flag: bool, device) -> bool:
     return bool(all_sum(torch.tensor([float(flag)], device=device)) > 0)
 
 
-def memory_digests(mem: torch.Tensor) -> list:
-    """SHA-1 of every process's eps memory, gathered to all (they must be identical)."""
+def digests_everywhere(tensors) -> list:
+    """SHA-1 of these tensors on every process, gathered to all (to check they are equal)."""
     import hashlib
-    digest = hashlib.sha1(mem.detach().cpu().numpy().tobytes()).hexdigest()
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = h.hexdigest()
     if current_dist().world == 1:
         return [digest]
     everyone = [None] * current_dist().world
@@ -979,6 +1003,9 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise IAATError("--device cuda was asked for, but no CUDA device is available")
+    if name == "cuda" and local_rank >= torch.cuda.device_count():
+        raise IAATError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                        "run one process per GPU")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
@@ -1001,8 +1028,14 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if ckpt is not None and ckpt["device"] != device.type:
         raise IAATError(f"checkpoint {ckpt_path} was written on {ckpt['device']}, this run is on "
                         f"{device.type}; resume on {ckpt['device']} (--device) for the same result")
+    if d.local_rank > 0:  # local rank 0 downloads first; the others then read its files
+        torch.distributed.barrier()
     data = load_data(cfg, device)
+    if d.world > 1 and d.local_rank == 0:
+        torch.distributed.barrier()
     n = len(data.train_y)
+    if cfg.batch_size < d.world:
+        raise IAATError(f"--batch-size {cfg.batch_size} is smaller than the {d.world} processes")
     if 0 < n % cfg.batch_size < d.world:
         raise IAATError(f"the last batch of each epoch ({n % cfg.batch_size} images) cannot be "
                         f"shared by {d.world} processes; choose another --batch-size")
@@ -1022,9 +1055,15 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if d.rank > 0:  # its own attack random starts; the saved totals are counted on rank 0
         torch.manual_seed(cfg.seed + 7919 * d.rank + 104729 * (epoch * 100_003 + step))
         totals = {}
-    if d.world > 1:
-        torch.distributed.barrier()  # every process has read the folder before rank 0 writes
-    lock = claim_run_dir(out) if d.main else None
+    same_everywhere((epoch, step), "the epoch and step to resume at")
+    lock = problem = None  # every process has read the folder; now rank 0 claims it
+    if d.main:
+        try:
+            lock = claim_run_dir(out)
+        except IAATError as err:
+            problem = err
+    if any_process(problem is not None, device):
+        raise problem or IAATError(f"rank 0 could not claim {out}")
     rows = read_metrics(metrics_path, epoch)
     if ckpt is None and d.main:
         write_json(out / "config.json", config_dict(cfg))
@@ -1067,6 +1106,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
             _check_finite(totals["loss"], model, epoch, steps_per_epoch, ckpt_path)
             sched.step()
             epoch, step = epoch + 1, 0
+            sync_buffers(model)
             if cfg.method == "at":
                 mem.fill_(cfg.eps_w)
             elif cfg.method == "clean":
@@ -1185,7 +1225,8 @@ def _check_finite(loss: float, model, epoch: int, step: int, ckpt_path: Path) ->
 
 def _epoch_row(model, data: Data, cfg: Config, epoch: int, sums: dict, opt, seconds: float) -> dict:
     n = float(sums["n"])
-    row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": float(sums["loss"]) / n,
+    row = {"epoch": epoch, "images": int(n), "lr": opt.param_groups[0]["lr"],
+           "train_loss": float(sums["loss"]) / n,
            "train_acc": float(sums["train_acc"]) / n, "eps_mean": float(sums["eps"]) / n}
     if "clean_acc" in sums:
         row["train_clean_acc"] = float(sums["clean_acc"]) / n
@@ -1193,7 +1234,7 @@ def _epoch_row(model, data: Data, cfg: Config, epoch: int, sums: dict, opt, seco
         k = min(cfg.eval_subset, len(data.test_y))
         acc = evaluate(model, data.test_x[:k], data.test_y[:k], eps=cfg.eps_test,
                        steps=cfg.attack_steps, step_size=cfg.eval_step_size,
-                       batch_size=cfg.eval_batch)
+                       batch_size=cfg.eval_batch, distributed=True)
         row.update(test_clean=acc["clean"], test_pgd=acc["robust"])
     row["seconds"] = round(seconds, 2)
     return row
@@ -1212,10 +1253,17 @@ def finish(model, data: Data, cfg: Config, out: Path, rows: list, history, mem, 
     """Natural and PGD-20 accuracy on the whole test set at eps_test; summary.json and a line.
     Also checks that every process ended with the same eps memory."""
     acc = evaluate(model, data.test_x, data.test_y, eps=cfg.eps_test, steps=cfg.eval_steps,
-                   step_size=cfg.eval_step_size, batch_size=cfg.eval_batch)
-    digests = memory_digests(mem)
-    if len(set(digests)) > 1:
-        raise IAATError(f"the eps memories of the {len(digests)} processes differ: {digests}")
+                   step_size=cfg.eval_step_size, batch_size=cfg.eval_batch, distributed=True)
+    digests, models = digests_everywhere([mem]), digests_everywhere(model.state_dict().values())
+    for name, found in (("eps memories", digests), ("models (weights and BN statistics)", models)):
+        if len(set(found)) > 1:
+            raise IAATError(f"the {name} of the {len(found)} processes differ: {found}")
+    done = rows[-1]["epoch"] if rows else 0
+    expected = max(0, done - cfg.warmup) if cfg.method == "iaat" else 0
+    if rows and not bool((visits == expected).all()):
+        raise IAATError(f"some images were not selected exactly once per epoch after warmup "
+                        f"(updates per image {int(visits.min())}-{int(visits.max())}, expected "
+                        f"{expected})")
     summary = {"run": str(out), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
                "seed": cfg.seed, "epochs": cfg.epochs, "natural_acc": acc["clean"],
                "pgd_acc": acc["robust"], "pgd": f"PGD-{cfg.eval_steps}",
@@ -1223,6 +1271,7 @@ def finish(model, data: Data, cfg: Config, out: Path, rows: list, history, mem, 
                "eps_mean_255": float(mem.double().mean() * PIXEL) if rows else None,
                "eps_updates_per_sample": [int(visits.min()), int(visits.max())],
                "processes": current_dist().world, "eps_memory_sha1_per_process": digests,
+               "model_sha1_per_process": models,
                "train_seconds": round(sum(r["seconds"] for r in rows), 1)}
     if current_dist().main:
         write_json(out / "summary.json", summary)
