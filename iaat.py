@@ -170,7 +170,7 @@ def check_config(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value is not None and (not math.isfinite(value) or value < 0):
             raise IAATError(f"--{name.replace('_', '-')} must be a finite number >= 0, got "
-                            f"{_show(cfg, name, value)}")
+                            f"{_show(name, value)}")
     if not 0 < cfg.beta <= 1:
         raise IAATError(f"--beta must be in (0, 1], got {cfg.beta}")
     if cfg.eps_max is not None and cfg.eps_max < cfg.eps_min:
@@ -186,9 +186,10 @@ def check_config(cfg: Config) -> None:
         raise IAATError("--line-eta must be > 0 with --line-search")
 
 
-def _show(cfg: Config, name: str, value: float) -> str:
+def _show(name: str, value: float) -> str:
+    """A value as the user typed it: '-8/255' for /255 fields."""
     unit = Config.__dataclass_fields__[name].metadata["unit"]
-    return f"{value * PIXEL:g}/255" if unit else f"{value:g}"
+    return _preset_str(name, value) + ("/255" if unit else "")
 
 
 def run_dir(cfg: Config) -> Path:
