@@ -700,11 +700,10 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: floa
     """Natural and PGD accuracy, in eval mode and FP32. With `distributed` (every process of a
     torchrun job must call it then), each process takes a shard of the examples and the
     correct counts are summed over processes: exact, never a mean of per-process means."""
-    d = current_dist() if distributed else Dist()
-    shard = torch.arange(len(y), device=y.device).tensor_split(d.world)[d.rank]
+    mine = shard(torch.arange(len(y), device=y.device), current_dist() if distributed else Dist())
     counts = torch.zeros(2, device=y.device)  # correct clean, correct under attack
     with model_mode(model, False):
-        for batch in shard.split(batch_size):
+        for batch in mine.split(batch_size):
             x, t = to_float(x_u8[batch]), y[batch]
             with torch.no_grad():
                 counts[0] += (model(x).argmax(1) == t).sum()
@@ -792,7 +791,8 @@ def sync_memory(mem: torch.Tensor, visits: torch.Tensor, idx: torch.Tensor, widt
         torch.distributed.all_gather(all_ids, ids)
         torch.distributed.all_gather(all_vals, vals)
         ids, vals = torch.cat(all_ids), torch.cat(all_vals)
-        idx, keep = ids[ids >= 0], ids >= 0
+        keep = ids >= 0  # drop the padding
+        idx = ids[keep]
         mem[idx] = vals[keep]
     visits.index_add_(0, idx, torch.ones_like(idx, dtype=visits.dtype))
 
@@ -805,13 +805,19 @@ def sync_buffers(model: nn.Module) -> None:
             torch.distributed.broadcast(b, 0)
 
 
+def gather_everywhere(value) -> list:
+    """Every process's `value` (a small picklable object), in rank order, on every process."""
+    if current_dist().world == 1:
+        return [value]
+    everyone = [None] * current_dist().world
+    torch.distributed.all_gather_object(everyone, value)
+    return everyone
+
+
 def same_everywhere(value, what: str) -> None:
     """Raise on every process if `value` differs between processes (e.g. where each one
     resumes: the run folder must be on a filesystem all of them share)."""
-    if current_dist().world == 1:
-        return
-    everyone = [None] * current_dist().world
-    torch.distributed.all_gather_object(everyone, value)
+    everyone = gather_everywhere(value)
     if any(v != everyone[0] for v in everyone):
         raise IAATError(f"the processes disagree on {what}: {everyone}; is --out on a "
                         "filesystem all of them share?")
@@ -830,12 +836,7 @@ def digests_everywhere(tensors) -> list:
     h = hashlib.sha1()
     for t in tensors:
         h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    digest = h.hexdigest()
-    if current_dist().world == 1:
-        return [digest]
-    everyone = [None] * current_dist().world
-    torch.distributed.all_gather_object(everyone, digest)
-    return everyone
+    return gather_everywhere(h.hexdigest())
 
 
 # ============================================================================================
