@@ -1253,7 +1253,8 @@ def _format_row(r: dict, cfg: Config) -> str:
 def finish(model, data: Data, cfg: Config, out: Path, rows: list, history, mem, visits,
            log) -> dict:
     """Natural and PGD-20 accuracy on the whole test set at eps_test; summary.json and a line.
-    Also checks that every process ended with the same eps memory."""
+    Also checks that every process ended with the same eps memory and model, and that every
+    image was selected once per epoch after warmup."""
     acc = evaluate(model, data.test_x, data.test_y, eps=cfg.eps_test, steps=cfg.eval_steps,
                    step_size=cfg.eval_step_size, batch_size=cfg.eval_batch, distributed=True)
     digests, models = digests_everywhere([mem]), digests_everywhere(model.state_dict().values())
@@ -1354,10 +1355,7 @@ def main(argv=None) -> int:
         cfg = config_from_args(sys.argv[1:] if argv is None else argv)
         joined = init_distributed(cfg.device)
         train(cfg)
-    except IAATError as err:
-        print(f"iaat: error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:  # full disk, no permission, --out naming a file, ...
+    except (IAATError, OSError) as err:  # OSError: full disk, no permission, --out a file, ...
         print(f"iaat: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
