@@ -715,6 +715,177 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: floa
     return {"clean": clean / len(y), "robust": robust / len(y)}
 
 
+def attack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, steps: int,
+                   step_size: Step, restarts: int = 1,
+                   target: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B,) bool: classified correctly on x and under the strongest of `restarts` PGD runs
+    (paper Sec 4: PGD-10 x 5, PGD-100 x 5, PGD-1000 x 2, each sample's worst case).
+
+    Untargeted, a sample is broken as soon as any iterate of any restart is misclassified
+    (pgd_fooled): at least as strong as scoring each restart's last iterate, and every
+    iterate is a valid adversarial image. Each restart attacks the survivors only.
+    With `target` (random-targeted, the ImageNet protocol of Xie et al.), PGD moves towards
+    the targets and the sample is correct when the result is still classified as y.
+    Runs in eval mode; call it in FP32 (outside autocast)."""
+    with model_mode(model, False):
+        with torch.no_grad():
+            ok = model(x).argmax(1) == y
+        if target is not None:
+            x_adv = pgd_attack(model, x, target, eps, steps=steps, step_size=step_size,
+                               targeted=True, restarts=restarts)
+            with torch.no_grad():
+                return ok & (model(x_adv).argmax(1) == y)
+        for _ in range(restarts):
+            alive = ok.nonzero().flatten()
+            if len(alive) == 0:
+                break
+            fooled = pgd_fooled(model, x[alive], y[alive], _take(eps, alive), steps=steps,
+                                step_size=_take(step_size, alive))
+            ok[alive[fooled]] = False
+    return ok
+
+
+def random_targets(y: torch.Tensor, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+    """A uniformly random class other than the true one, per sample (Xie et al. 2019)."""
+    shift = torch.randint(1, num_classes, y.shape, generator=gen, device=gen.device)
+    return (y + shift.to(y.device)) % num_classes
+
+
+def pgd_steps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, step_size: Step,
+                    steps) -> torch.Tensor:
+    """(len(steps), B) bool: correct under PGD-k for every k in `steps` (paper Fig 9), from one run.
+
+    With a fixed step size, PGD-k is the first k steps of PGD-K from the same random start,
+    so one run of max(steps) steps gives every point. As in attack_correct, a sample is broken
+    from its first misclassified iterate on, so the curve cannot rise with k."""
+    x = x.detach()
+    eps_b = _per_sample(eps, x)
+    step = _steps_for(step_size, eps_b, x)
+    marks, rows = set(steps), []
+    with model_mode(model, False):
+        with torch.no_grad():
+            ok = model(x).argmax(1) == y
+        x_adv, start = x.clone(), ok.nonzero().flatten()  # random starts drawn as attack_correct
+        x_adv[start] = _random_start(x[start], eps_b[start], True)  # draws them: same PGD-k
+        for t in range(max(steps) + 1):
+            alive = ok.nonzero().flatten()
+            if len(alive):
+                logits, grad = _input_grad(model, x_adv[alive], y[alive], False)
+                ok[alive[logits.argmax(1) != y[alive]]] = False
+                x_adv[alive] = _project(x_adv[alive] + step[alive] * grad.sign(), x[alive],
+                                        eps_b[alive])
+            if t in marks:
+                rows.append(ok.clone())
+    return torch.stack(rows)
+
+
+def transfer_correct(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                     eps, steps: int, step_size: Step, restarts: int = 1) -> torch.Tensor:
+    """(B,) bool: correct on PGD images crafted on `surrogate`, an independently trained copy
+    (paper Sec 4: PGD-1000 x 2; each sample keeps the surrogate's worst restart)."""
+    with model_mode(surrogate, False):
+        x_adv = pgd_attack(surrogate, x, y, eps, steps=steps, step_size=step_size,
+                           restarts=restarts)
+    with model_mode(model, False), torch.no_grad():
+        return model(x_adv).argmax(1) == y
+
+
+def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed Carlini-Wagner margin max_{j != y} z_j - z_y, the loss of CW-PGD (Madry et al.)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -float("inf")).amax(1)
+    return (other - true).sum()
+
+
+LIBRARY_ATTACKS = ("deepfool", "mifgsm", "cw40", "autoattack")
+
+
+def library_attack(name: str, model: nn.Module, *, eps: float, step_size: float,
+                   num_classes: int, seed: int = 0, steps: int = 10):
+    """An attack from torchattacks, with the settings of paper Table 3 or AutoAttack:
+
+    deepfool    DeepFool (L2, 50 steps, overshoot 0.02); the caller clips it into the eps-ball
+    mifgsm      MI-FGSM (Dong et al.): 10 steps of eps/10, momentum decay 1.0
+    cw40        PGD-40 on the CW margin loss, random start, step `step_size`
+    autoattack  AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square; Croce & Hein)
+    pgd         torchattacks' PGD with `steps` (used to cross-check our pgd_attack)
+    """
+    import torchattacks as ta
+    if name == "deepfool":
+        return ta.DeepFool(model, steps=50, overshoot=0.02)
+    if name == "mifgsm":
+        return ta.MIFGSM(model, eps=eps, alpha=eps / 10, steps=10, decay=1.0)
+    if name == "cw40":
+        return ta.UPGD(model, eps=eps, alpha=step_size, steps=40, random_start=True, decay=0.0,
+                       loss=lambda images, labels, _target: cw_margin(model(images), labels))
+    if name == "autoattack":
+        return ta.AutoAttack(model, norm="Linf", eps=eps, version="standard",
+                             n_classes=num_classes, seed=seed)
+    if name == "pgd":
+        return ta.PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True)
+    raise ValueError(f"unknown attack {name!r}; choose from {', '.join(LIBRARY_ATTACKS)}, pgd")
+
+
+def library_correct(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+    """(B,) bool: correct on a torchattacks attack's images, clipped into the eps-ball
+    (a no-op for the L-inf attacks; it bounds DeepFool's minimal L2 perturbation)."""
+    with model_mode(model, False):
+        x_adv = attack(x, y).detach()
+        x_adv = _project(torch.where(torch.isfinite(x_adv), x_adv, x), x, eps)
+        with torch.no_grad():
+            return model(x_adv).argmax(1) == y
+
+
+# The 19 corruptions of CIFAR-10-C / CIFAR-100-C (Hendrycks & Dietterich 2019). The first 15
+# are ImageNet-C's, scored by mCE against AlexNet's top-1 errors (mean over the 5 severities,
+# as published in hendrycks/robustness).
+CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+               "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+               "elastic_transform", "pixelate", "jpeg_compression",
+               "speckle_noise", "gaussian_blur", "spatter", "saturate")
+ALEXNET_ERR = dict(zip(CORRUPTIONS[:15], (
+    0.886428, 0.894468, 0.922640, 0.819880, 0.826268, 0.785948, 0.798360, 0.866816, 0.826572,
+    0.819324, 0.564592, 0.853204, 0.646056, 0.717840, 0.606500)))
+
+
+def load_corruption(root, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One corruption in the published CIFAR-10-C layout: root/<name>.npy holds (5n, H, W, C)
+    uint8 images, severities 1 to 5 stacked in that order; root/labels.npy the (5n,) labels.
+    Returns the images as uint8 NCHW and the labels; severity s is rows (s-1)*n .. s*n."""
+    root = Path(root)
+    paths = [root / f"{name}.npy", root / "labels.npy"]
+    for p in paths:
+        if not p.is_file():
+            raise IAATError(f"{p} not found (expected the CIFAR-10-C layout: one <corruption>.npy "
+                            "per corruption and labels.npy)")
+    try:
+        x, y = (np.load(p, mmap_mode="r") for p in paths)
+    except (ValueError, OSError) as err:
+        raise IAATError(f"cannot read {paths[0]} or labels.npy: {err}") from None
+    x = x[..., None] if x.ndim == 3 else x  # a one-channel set may be stored (N, H, W)
+    if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(y) or len(y) % 5:
+        raise IAATError(f"{paths[0]} holds {x.dtype} {tuple(x.shape)} with {len(y)} labels; "
+                        "expected uint8 (5n, H, W, C) and 5n labels")
+    return (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+            torch.from_numpy(np.asarray(y, dtype=np.int64)))
+
+
+def mean_corruption_error(errors: dict, baseline: Optional[dict] = None) -> tuple[float, dict]:
+    """ImageNet-C mCE (Hendrycks & Dietterich 2019): CE_c = sum_s E_{s,c} / sum_s E^AlexNet_{s,c}
+    over the severities s = 1..5, and mCE = the mean of CE_c over the 15 corruptions.
+
+    `errors` maps each corruption to its top-1 error at each severity (fractions); the baseline
+    (default ALEXNET_ERR) holds each corruption's mean error over the severities. Returns
+    (mCE, {corruption: CE}) as fractions: the paper's Table 4 prints them x100."""
+    baseline = ALEXNET_ERR if baseline is None else baseline
+    missing = [c for c in baseline if c not in errors]
+    if missing:
+        raise IAATError(f"mCE needs all {len(baseline)} corruptions; missing {', '.join(missing)}")
+    ce = {c: float(np.mean(errors[c]) / baseline[c]) for c in baseline}
+    return float(np.mean(list(ce.values()))), ce
+
+
 # ============================================================================================
 # Distributed: torchrun processes, shards of each global batch, one consistent eps memory
 # ============================================================================================
@@ -883,23 +1054,32 @@ def save_checkpoint(path: Path, *, cfg, model, opt, sched, mem, visits, epoch, s
     atomic_write(path, lambda p: torch.save(ckpt, p))
 
 
-def load_checkpoint(path: Path, cfg: Config) -> dict:
-    """Read a checkpoint as plain tensors and containers (weights_only=True) and check that it
-    belongs to this configuration; raise IAATError on a corrupt or mismatched file."""
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint read with weights_only=True and checked field by field; IAATError if not."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, not a torch file, or holding arbitrary objects
         raise IAATError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}); move the run folder "
-                        "away to start afresh") from None
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
     fields = {"config": dict, "device": str, "epoch": int, "step": int, "totals": dict,
               "model": dict, "optimizer": dict, "scheduler": dict, "eps_memory": torch.Tensor,
               "eps_visits": torch.Tensor, "rng": dict}
-    bad = [k for k, kind in fields.items() if not isinstance(ckpt, dict) or
-           not isinstance(ckpt.get(k), kind)] if isinstance(ckpt, dict) else ["all"]
+    bad = [k for k, kind in fields.items() if not isinstance(ckpt.get(k), kind)] \
+        if isinstance(ckpt, dict) else ["all"]
     if bad or ckpt.get("format") != 1:
         raise IAATError(f"checkpoint {path} is not a complete iaat checkpoint (missing "
-                        f"{', '.join(bad) or 'format 1'}); move the run folder away to start afresh")
+                        f"{', '.join(bad) or 'format 1'})")
+    return ckpt
+
+
+def load_checkpoint(path: Path, cfg: Config) -> dict:
+    """Read a checkpoint as plain tensors and containers (weights_only=True, read_checkpoint)
+    and check that it belongs to this configuration; raise IAATError on a corrupt or
+    mismatched file."""
+    try:
+        ckpt = read_checkpoint(path)
+    except IAATError as err:
+        raise IAATError(f"{err}; move the run folder away to start afresh") from None
     mine, theirs = config_dict(cfg), ckpt["config"]
     diff = [k for k in mine if k not in RUNTIME_FIELDS and mine[k] != theirs.get(k)]
     if diff:
@@ -1287,6 +1467,360 @@ def finish(model, data: Data, cfg: Config, out: Path, rows: list, history, mem, 
 
 
 # ============================================================================================
+# The evaluation run: `iaat eval RUN_DIR`, the paper's Sec 4 protocol on one checkpoint
+# ============================================================================================
+
+# Table 1's protocol at 8/255 (paper Sec 4), and the same counts at the digits radius. Sweeps:
+# test eps for Fig 4 (PGD-100 with step min(step, eps/4)), PGD iterations for Fig 9.
+EVAL_PRESETS = {
+    "paper": dict(eps=8 / PIXEL, step_size=2 / PIXEL, whitebox=((10, 5), (100, 5), (1000, 2)),
+                  transfer=(1000, 2), sweep_attack=(100, 1),
+                  eps_sweep=tuple(e / PIXEL for e in (0, 1, 2, 4, 6, 8, 10, 12, 14, 16)),
+                  steps_sweep=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)),
+    "digits": dict(eps=0.2, step_size=0.05, whitebox=((10, 5), (100, 5), (1000, 2)),
+                   transfer=(1000, 2), sweep_attack=(100, 1),
+                   eps_sweep=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4),
+                   steps_sweep=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)),
+}
+EVAL_PARTS = ("whitebox", "transfer", "corruptions", "eps_sweep", "steps_sweep") + LIBRARY_ATTACKS
+
+
+def load_run(run: Path, device, data_root: Optional[str] = None,
+             download: Optional[bool] = None) -> tuple:
+    """(model in eval mode, its Config, its Data, the checkpoint's epoch) of a run folder."""
+    path = run / "checkpoint.pt"
+    if not path.is_file():
+        raise IAATError(f"{path} not found; give the folder of a run trained by iaat.py")
+    ckpt = read_checkpoint(path)
+    known = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in ckpt["config"].items() if k in known}
+    values["lr_milestones"] = tuple(values.get("lr_milestones", ()))
+    values.update({k: v for k, v in (("data_root", data_root), ("download", download))
+                   if v is not None})
+    cfg = Config(**values)
+    data = load_data(cfg, device)
+    model = build_model(cfg.model, data.num_classes, data.mean, data.std)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise IAATError(f"checkpoint {path} does not fit model {cfg.model}: "
+                        f"{str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), cfg, data, ckpt["epoch"]
+
+
+def eval_subset(n: int, n_examples: Optional[int], seed: int, device) -> torch.Tensor:
+    """The test indices evaluated: all, or `n_examples` of them drawn with `seed` (sorted)."""
+    if n_examples is None or n_examples >= n:
+        return torch.arange(n, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=gen)[:n_examples].sort().values.to(device)
+
+
+def _batched(fn, x_u8, y, batch_size: int, desc: str, extra=()) -> torch.Tensor:
+    """Apply fn(x, y, *extra_batch) -> (B,...) bool over batches, with a progress bar."""
+    from tqdm.auto import tqdm
+    parts = []
+    for idx in tqdm(torch.arange(len(y)).split(batch_size), desc=desc, leave=False, disable=None):
+        idx = idx.to(y.device)
+        parts.append(fn(to_float(x_u8[idx]), y[idx], *(e[idx] for e in extra)))
+    return torch.cat(parts, dim=-1)
+
+
+def _name(steps: int, restarts: int) -> str:
+    return f"PGD-{steps}x{restarts}"
+
+
+def run_evaluation(model, x_u8, y, *, ev: dict, num_classes: int, surrogate=None,
+                   corruptions: Optional[Path] = None, log=print) -> dict:
+    """Every part of the protocol in ev["parts"] on the images x_u8 (uint8) and labels y.
+
+    Returns plain numbers (accuracies as fractions) and the per-sample worst case over every
+    white-box attack that ran. Each part reseeds torch with ev["seed"], so a part's result does
+    not depend on which others ran."""
+    eps, step, bs, parts = ev["eps"], ev["step_size"], ev["batch_size"], ev["parts"]
+    res, worst, seconds = {}, None, {}
+    target = None
+    if ev["targeted"] == "random":
+        target = random_targets(y, num_classes, torch.Generator(y.device).manual_seed(ev["seed"]))
+
+    def timed(part, fn):
+        torch.manual_seed(ev["seed"])
+        t0 = time.time()
+        out = fn()
+        seconds[part] = round(time.time() - t0, 1)
+        return out
+
+    def batched(fn, desc, extra=()):
+        return _batched(fn, x_u8, y, bs, desc, extra)
+
+    natural = timed("natural", lambda: batched(
+        lambda x, t: clean_correct(model, x, t), "natural"))
+    res["natural"], worst = natural.float().mean().item(), natural.clone()
+    if "whitebox" in parts:
+        res["whitebox"] = {}
+        for k, r in ev["whitebox"]:
+            extra = (target,) if target is not None else ()
+            ok = timed(_name(k, r), lambda: batched(
+                lambda x, t, *tg: attack_correct(model, x, t, eps=eps, steps=k, step_size=step,
+                                                 restarts=r, target=tg[0] if tg else None),
+                _name(k, r), extra))
+            res["whitebox"][_name(k, r)], worst = ok.float().mean().item(), worst & ok
+    if "transfer" in parts:
+        k, r = ev["transfer"]
+        ok = timed("transfer", lambda: batched(lambda x, t: transfer_correct(
+            model, surrogate, x, t, eps=eps, steps=k, step_size=step, restarts=r),
+            f"transfer {_name(k, r)}"))
+        res["transfer"] = ok.float().mean().item()
+    for name in LIBRARY_ATTACKS:
+        if name in parts:
+            attack = library_attack(name, model, eps=eps, step_size=step, num_classes=num_classes,
+                                    seed=ev["seed"])
+            ok = timed(name, lambda: batched(
+                lambda x, t: library_correct(attack, model, x, t, eps), name))
+            res[name], worst = ok.float().mean().item(), worst & ok
+    if "corruptions" in parts:
+        res["corruptions"] = timed("corruptions", lambda: corruption_accuracy(
+            model, corruptions, ev, x_u8.shape[1:]))
+    if "eps_sweep" in parts:
+        k, r = ev["sweep_attack"]
+        accs = []
+        for e in ev["eps_sweep"]:
+            ok = timed(f"eps {e * PIXEL:g}", lambda: batched(
+                lambda x, t: attack_correct(model, x, t, eps=e, steps=k, restarts=r,
+                                            step_size=min(step, e / 4)),
+                f"eps sweep {e * PIXEL:g}/255"))
+            accs.append(ok.float().mean().item())
+        res["eps_sweep"] = {"attack": _name(k, r), "eps_255": [e * PIXEL for e in ev["eps_sweep"]],
+                            "acc": accs}
+    if "steps_sweep" in parts:
+        ok = timed("steps_sweep", lambda: batched(
+            lambda x, t: pgd_steps_sweep(model, x, t, eps=eps, step_size=step,
+                                         steps=ev["steps_sweep"]), "PGD steps sweep"))
+        res["steps_sweep"] = {"steps": list(ev["steps_sweep"]),
+                              "acc": ok.float().mean(1).tolist()}
+    if len(parts & {"whitebox", *LIBRARY_ATTACKS}):
+        res["worst_case"] = worst.float().mean().item()
+    res["seconds"] = seconds
+    return res
+
+
+def corruption_accuracy(model, root: Path, ev: dict, shape) -> dict:
+    """Natural accuracy on each corruption and severity (CIFAR-10-C layout), and the mean over
+    all of them (paper Table 1's corruption column). With n_examples, the same subset of
+    each severity block is used."""
+    per = {}
+    device = next(model.parameters()).device
+    for name in CORRUPTIONS:
+        x_all, y_all = load_corruption(root, name)
+        if tuple(x_all.shape[1:]) != tuple(shape):
+            raise IAATError(f"{root / name}.npy holds images of shape {tuple(x_all.shape[1:])} "
+                            f"(C, H, W); the model takes {tuple(shape)}")
+        n = len(y_all) // 5
+        pick = eval_subset(n, ev["n_examples"], ev["seed"], "cpu")
+        accs = []
+        for s in range(5):
+            idx = s * n + pick
+            ok = _batched(lambda x, t: clean_correct(model, x, t), x_all[idx].to(device),
+                          y_all[idx].to(device), ev["batch_size"], f"{name} severity {s + 1}")
+            accs.append(ok.float().mean().item())
+        per[name] = accs
+    return {"mean": float(np.mean([a for v in per.values() for a in v])), "per_corruption": per}
+
+
+def eval_table(rows: list) -> str:
+    """Markdown: one row per evaluated run, the columns of paper Tables 1 and 3."""
+    cols = [("natural", "natural")]
+    for r in rows:
+        cols += [(("whitebox", k), k) for k in r.get("whitebox", {}) if (("whitebox", k), k) not in cols]
+    cols += [(k, title) for k, title in (("transfer", "transfer"), ("corruptions", "corruption"),
+                                         ("deepfool", "DeepFool"), ("mifgsm", "MI-FGSM"),
+                                         ("cw40", "CW40"), ("autoattack", "AutoAttack"),
+                                         ("worst_case", "worst case"))
+             if any(k in r for r in rows)]
+
+    def cell(r, key):
+        v = r["whitebox"].get(key[1]) if isinstance(key, tuple) else r.get(key)
+        v = v["mean"] if isinstance(v, dict) else v
+        return "-" if v is None else f"{100 * v:.2f}"
+    head = "| run | " + " | ".join(t for _, t in cols) + " |"
+    lines = [head, "|" + " --- |" * (len(cols) + 1)]
+    for r in rows:
+        lines.append(f"| {r['label']} | " + " | ".join(cell(r, k) for k, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+def sweep_tables(r: dict) -> str:
+    out = []
+    if "eps_sweep" in r:
+        s = r["eps_sweep"]
+        out += [f"\nTest-eps sweep ({s['attack']}, paper Fig 4):\n",
+                "| eps (/255) | " + " | ".join(f"{e:g}" for e in s["eps_255"]) + " |",
+                "|" + " --- |" * (len(s["acc"]) + 1),
+                "| accuracy (%) | " + " | ".join(f"{100 * a:.2f}" for a in s["acc"]) + " |"]
+    if "steps_sweep" in r:
+        s = r["steps_sweep"]
+        out += [f"\nPGD-iteration sweep at {r['eps_255']:g}/255 (paper Fig 9):\n",
+                "| PGD steps | " + " | ".join(map(str, s["steps"])) + " |",
+                "|" + " --- |" * (len(s["acc"]) + 1),
+                "| accuracy (%) | " + " | ".join(f"{100 * a:.2f}" for a in s["acc"]) + " |"]
+    return "\n".join(out)
+
+
+def plot_sweeps(r: dict, out: Path, stem: str) -> list:
+    """<stem>_eps_sweep.png (Fig 4) and <stem>_steps_sweep.png (Fig 9); returns the paths."""
+    from matplotlib.figure import Figure
+    written = []
+    for key, xkey, xlabel, title, log_x in (
+            ("eps_sweep", "eps_255", "test eps (x/255)", "robust accuracy over test eps (Fig 4)",
+             False),
+            ("steps_sweep", "steps", "PGD steps", "robust accuracy over PGD steps (Fig 9)", True)):
+        if key not in r:
+            continue
+        fig = Figure(figsize=(5, 3.4), layout="constrained")
+        ax = fig.subplots()
+        ax.plot(r[key][xkey], [100 * a for a in r[key]["acc"]], marker="o", label=r["label"])
+        ax.set(xlabel=xlabel, ylabel="accuracy (%)", title=title, ylim=(0, 100))
+        if log_x:
+            ax.set_xscale("log")
+        ax.legend()
+        path = out / f"{stem}_{key}.png"
+        _save_figure(fig, path)
+        written.append(path)
+    return written
+
+
+def _pairs(text: str) -> tuple:
+    """'10x5,100x5' -> ((10, 5), (100, 5))."""
+    try:
+        pairs = tuple(tuple(int(v) for v in p.split("x")) for p in text.split(","))
+    except ValueError:
+        pairs = ()
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected STEPSxRESTARTS[,...] such as 10x5, got {text!r}")
+    return pairs
+
+
+def _numbers(kind):
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or any(not math.isfinite(v) or v < 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {text!r}")
+        return values
+    return parse
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="iaat eval", description="The paper's evaluation protocol (Sec 4, Tables 1-4, "
+                "Figs 4 and 9) on a run folder written by iaat.py; writes <run>/<name>.json, "
+                ".md and sweep plots. Always FP32, model in eval mode.",
+                epilog="presets:\n" + "\n".join(
+                    f"  {k}: eps {v['eps'] * PIXEL:g}/255, step {v['step_size'] * PIXEL:g}/255, "
+                    f"whitebox {','.join(_name(*w) for w in v['whitebox'])}, transfer "
+                    f"{_name(*v['transfer'])}" for k, v in EVAL_PRESETS.items()),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="run folder holding checkpoint.pt")
+    p.add_argument("--surrogate", type=Path, help="run folder of an independently trained copy, "
+                   "the source of the transfer attack")
+    p.add_argument("--corruptions", type=Path, help="folder in the CIFAR-10-C / CIFAR-100-C layout "
+                   "(<corruption>.npy per corruption, labels.npy)")
+    p.add_argument("--preset", choices=EVAL_PRESETS, help="default: digits for digits runs, "
+                   "paper otherwise")
+    p.add_argument("--parts", type=lambda s: set(s.split(",")), help="comma-separated subset of "
+                   f"{','.join(EVAL_PARTS)} (default: all; transfer and corruptions when their "
+                   "inputs are given)")
+    p.add_argument("--eps", type=_numbers(float), help="test radius [x/255]")
+    p.add_argument("--step-size", type=_numbers(float), help="PGD step size [x/255]")
+    p.add_argument("--whitebox", type=_pairs, help="white-box PGD attacks, e.g. 10x5,100x5,1000x2")
+    p.add_argument("--transfer", type=_pairs, help="transfer attack, e.g. 1000x2")
+    p.add_argument("--eps-sweep", type=_numbers(float), help="test radii of the Fig 4 sweep [x/255]")
+    p.add_argument("--sweep-attack", type=_pairs, help="PGD of the eps sweep, e.g. 100x1")
+    p.add_argument("--steps-sweep", type=_numbers(int), help="PGD iteration counts of Fig 9")
+    p.add_argument("--targeted", choices=("none", "random"), default="none",
+                   help="random: random-targeted white-box PGD (ImageNet protocol, Xie et al.)")
+    p.add_argument("--n-examples", type=int, help="evaluate a subset of the test set, drawn with --seed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset, targets and attack starts")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--name", default="eval", help="stem of the output files (default: eval)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--data-root", help="where CIFAR is read from (default: the run's)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None)
+    return p
+
+
+def eval_settings(args, dataset: str) -> dict:
+    """The preset for the run's dataset, overridden by the flags given; /255 flags converted."""
+    ev = dict(EVAL_PRESETS[args.preset or ("digits" if dataset == "digits" else "paper")])
+    for key in ("eps", "step_size", "eps_sweep"):
+        if getattr(args, key) is not None:
+            v = tuple(x / PIXEL for x in getattr(args, key))
+            ev[key] = v if key == "eps_sweep" else v[0]
+    for key in ("whitebox", "steps_sweep"):
+        if getattr(args, key) is not None:
+            ev[key] = getattr(args, key)
+    for key in ("transfer", "sweep_attack"):
+        if getattr(args, key) is not None:
+            ev[key] = getattr(args, key)[0]
+    parts = args.parts or set(EVAL_PARTS) - {"transfer", "corruptions"} | (
+        {"transfer"} if args.surrogate else set()) | ({"corruptions"} if args.corruptions else set())
+    unknown = parts - set(EVAL_PARTS)
+    if unknown:
+        raise IAATError(f"unknown --parts {', '.join(sorted(unknown))}; choose from "
+                        f"{', '.join(EVAL_PARTS)}")
+    if "transfer" in parts and not args.surrogate:
+        raise IAATError("--parts transfer needs --surrogate RUN_DIR")
+    if "corruptions" in parts and not args.corruptions:
+        raise IAATError("--parts corruptions needs --corruptions DIR")
+    if ev["step_size"] <= 0 or (args.n_examples is not None and args.n_examples < 1) \
+            or args.batch_size < 1:
+        raise IAATError("--step-size, --n-examples and --batch-size must be positive")
+    ev.update(parts=parts, targeted=args.targeted, n_examples=args.n_examples, seed=args.seed,
+              batch_size=args.batch_size)
+    return ev
+
+
+def evaluate_run(argv) -> dict:
+    """`iaat eval RUN_DIR ...`: load, evaluate, print the table, write JSON, markdown and plots."""
+    args = build_eval_parser().parse_args(argv)
+    device = pick_device(args.device)
+    model, cfg, data, epoch = load_run(args.run, device, args.data_root, args.download)
+    ev = eval_settings(args, cfg.dataset)
+    surrogate = None
+    if "transfer" in ev["parts"]:
+        surrogate, scfg, _, _ = load_run(args.surrogate, device, args.data_root, args.download)
+        if (scfg.dataset, scfg.split_seed) != (cfg.dataset, cfg.split_seed):
+            raise IAATError(f"the surrogate was trained on {scfg.dataset} (split {scfg.split_seed}),"
+                            f" the model on {cfg.dataset} (split {cfg.split_seed})")
+        if args.surrogate.resolve() == args.run.resolve():
+            raise IAATError("--surrogate must be another run (an independently trained copy)")
+    idx = eval_subset(len(data.test_y), ev["n_examples"], ev["seed"], device)
+    if epoch < cfg.epochs:
+        print(f"iaat eval: note: {args.run} holds epoch {epoch} of {cfg.epochs}", file=sys.stderr)
+    res = run_evaluation(model, data.test_x[idx], data.test_y[idx], ev=ev,
+                         num_classes=data.num_classes, surrogate=surrogate,
+                         corruptions=args.corruptions)
+    res = {"label": f"{cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}", "run": str(args.run),
+           "checkpoint_epoch": epoch, "epochs": cfg.epochs, "dataset": cfg.dataset,
+           "model": cfg.model, "method": cfg.method, "seed": cfg.seed,
+           "eps_255": ev["eps"] * PIXEL, "step_size_255": ev["step_size"] * PIXEL,
+           "targeted": ev["targeted"], "n_examples": len(idx), "eval_seed": ev["seed"],
+           "surrogate": str(args.surrogate) if surrogate is not None else None,
+           "corruptions_dir": str(args.corruptions) if "corruptions" in ev["parts"] else None,
+           "device": device.type, "torch": torch.__version__, **res}
+    text = (f"Evaluation of {args.run} at eps {ev['eps'] * PIXEL:g}/255, step "
+            f"{ev['step_size'] * PIXEL:g}/255, {len(idx)} test images, seed {ev['seed']}"
+            f"{', random-targeted' if ev['targeted'] == 'random' else ''} (accuracy, %):\n\n"
+            + eval_table([res]) + "\n" + sweep_tables(res) + "\n")
+    print(text)
+    write_json(args.run / f"{args.name}.json", res)
+    atomic_write(args.run / f"{args.name}.md", lambda p: p.write_text(text))
+    plot_sweeps(res, args.run, args.name)
+    return res
+
+
+# ============================================================================================
 # CLI
 # ============================================================================================
 
@@ -1349,10 +1883,15 @@ def config_from_args(argv) -> Config:
 
 
 def main(argv=None) -> int:
-    """`python iaat.py [flags]`: train (or resume) one run and print its final summary."""
+    """`python iaat.py [flags]`: train (or resume) one run and print its final summary;
+    `python iaat.py eval RUN_DIR [flags]`: the paper's evaluation protocol on a trained run."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     joined = False
     try:
-        cfg = config_from_args(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["eval"]:
+            evaluate_run(argv[1:])
+            return 0
+        cfg = config_from_args(argv)
         joined = init_distributed(cfg.device)
         train(cfg)
     except (IAATError, OSError) as err:  # OSError: full disk, no permission, --out a file, ...
