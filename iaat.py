@@ -13,6 +13,7 @@ Run it (every flag has --help with its unit and paper source):
     python iaat.py --dataset cifar10           # paper Table 10 preset: PreAct ResNet-18, 200 ep
     python iaat.py --dataset cifar100 --model wrn32-10
     torchrun --standalone --nproc_per_node=8 iaat.py --dataset cifar10   # DDP, one eps memory
+    python iaat.py eval runs/digits-smallcnn-iaat-seed0   # paper Sec 4 protocol + AutoAttack
 
 Measured (README; digits preset, seeds 0-2, 2-core CPU, 30 epochs, PGD-20 at 51/255):
 IAAT natural 0.984 +- 0.000, PGD 0.563 +- 0.020; PGD-AT natural 0.968 +- 0.002, PGD 0.557 +-
@@ -30,7 +31,7 @@ step size in the Python API is in pixel units ([0,1]). The CLI takes the paper's
 `--eps-w 8` means 8/255.
 
 Sections, in reading order: config, data, models, attacks, epsilon selection, training,
-evaluation, checkpoints and outputs, CLI.
+evaluation, distributed, checkpoints and outputs, the training run, the evaluation run, CLI.
 """
 from __future__ import annotations
 
@@ -691,7 +692,7 @@ def make_optimizer(model, cfg: Config):
 
 
 # ============================================================================================
-# Evaluation
+# Evaluation: natural and robust accuracy, transfer, Table 3 attacks, corruptions and mCE
 # ============================================================================================
 
 def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
@@ -725,22 +726,23 @@ def attack_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, s
     (pgd_fooled): at least as strong as scoring each restart's last iterate, and every
     iterate is a valid adversarial image. Each restart attacks the survivors only.
     With `target` (random-targeted, the ImageNet protocol of Xie et al.), PGD moves towards
-    the targets and the sample is correct when the result is still classified as y.
+    the targets; a sample is broken when some restart's result is not classified as y.
     Runs in eval mode; call it in FP32 (outside autocast)."""
     with model_mode(model, False):
         with torch.no_grad():
             ok = model(x).argmax(1) == y
-        if target is not None:
-            x_adv = pgd_attack(model, x, target, eps, steps=steps, step_size=step_size,
-                               targeted=True, restarts=restarts)
-            with torch.no_grad():
-                return ok & (model(x_adv).argmax(1) == y)
         for _ in range(restarts):
             alive = ok.nonzero().flatten()
             if len(alive) == 0:
                 break
-            fooled = pgd_fooled(model, x[alive], y[alive], _take(eps, alive), steps=steps,
-                                step_size=_take(step_size, alive))
+            xa, ya, ea, sa = x[alive], y[alive], _take(eps, alive), _take(step_size, alive)
+            if target is None:
+                fooled = pgd_fooled(model, xa, ya, ea, steps=steps, step_size=sa)
+            else:
+                x_adv = pgd_attack(model, xa, target[alive], ea, steps=steps, step_size=sa,
+                                   targeted=True)
+                with torch.no_grad():
+                    fooled = model(x_adv).argmax(1) != ya
             ok[alive[fooled]] = False
     return ok
 
@@ -761,22 +763,28 @@ def pgd_steps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, 
     x = x.detach()
     eps_b = _per_sample(eps, x)
     step = _steps_for(step_size, eps_b, x)
-    marks, rows = set(steps), []
+    if not steps or min(steps) < 1:
+        raise ValueError(f"steps must be positive integers, got {steps}")
+    rows, last = {}, max(steps)
     with model_mode(model, False):
         with torch.no_grad():
             ok = model(x).argmax(1) == y
-        x_adv, start = x.clone(), ok.nonzero().flatten()  # random starts drawn as attack_correct
-        x_adv[start] = _random_start(x[start], eps_b[start], True)  # draws them: same PGD-k
-        for t in range(max(steps) + 1):
+        # random starts for the clean-correct samples only, drawn like attack_correct's
+        x_adv, start = x.clone(), ok.nonzero().flatten()
+        x_adv[start] = _random_start(x[start], eps_b[start], True)
+        for t in range(last + 1):
             alive = ok.nonzero().flatten()
-            if len(alive):
+            if len(alive) and t < last:
                 logits, grad = _input_grad(model, x_adv[alive], y[alive], False)
-                ok[alive[logits.argmax(1) != y[alive]]] = False
                 x_adv[alive] = _project(x_adv[alive] + step[alive] * grad.sign(), x[alive],
                                         eps_b[alive])
-            if t in marks:
-                rows.append(ok.clone())
-    return torch.stack(rows)
+            elif len(alive):
+                with torch.no_grad():
+                    logits = model(x_adv[alive])
+            if len(alive):
+                ok[alive[logits.argmax(1) != y[alive]]] = False
+            rows[t] = ok.clone()
+    return torch.stack([rows[k] for k in steps])
 
 
 def transfer_correct(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
@@ -819,8 +827,10 @@ def library_attack(name: str, model: nn.Module, *, eps: float, step_size: float,
         return ta.UPGD(model, eps=eps, alpha=step_size, steps=40, random_start=True, decay=0.0,
                        loss=lambda images, labels, _target: cw_margin(model(images), labels))
     if name == "autoattack":
+        # torchattacks' n_classes sets the targets of APGD-T and FAB-T to n_classes - 1; the
+        # standard version uses the 9 most likely other classes, also on CIFAR-100
         return ta.AutoAttack(model, norm="Linf", eps=eps, version="standard",
-                             n_classes=num_classes, seed=seed)
+                             n_classes=min(num_classes, 10), seed=seed)
     if name == "pgd":
         return ta.PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True)
     raise ValueError(f"unknown attack {name!r}; choose from {', '.join(LIBRARY_ATTACKS)}, pgd")
@@ -861,14 +871,15 @@ def load_corruption(root, name: str) -> tuple[torch.Tensor, torch.Tensor]:
                             "per corruption and labels.npy)")
     try:
         x, y = (np.load(p, mmap_mode="r") for p in paths)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, EOFError) as err:
         raise IAATError(f"cannot read {paths[0]} or labels.npy: {err}") from None
     x = x[..., None] if x.ndim == 3 else x  # a one-channel set may be stored (N, H, W)
-    if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(y) or len(y) % 5:
+    if x.dtype != np.uint8 or x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or \
+            len(y) % 5 or len(y) == 0:
         raise IAATError(f"{paths[0]} holds {x.dtype} {tuple(x.shape)} with {len(y)} labels; "
                         "expected uint8 (5n, H, W, C) and 5n labels")
-    return (torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
-            torch.from_numpy(np.asarray(y, dtype=np.int64)))
+    return (torch.from_numpy(np.array(x.transpose(0, 3, 1, 2), order="C")),  # copies out of
+            torch.from_numpy(np.array(y, dtype=np.int64)))                  # the memory map
 
 
 def mean_corruption_error(errors: dict, baseline: Optional[dict] = None) -> tuple[float, dict]:
@@ -1485,9 +1496,12 @@ EVAL_PRESETS = {
 EVAL_PARTS = ("whitebox", "transfer", "corruptions", "eps_sweep", "steps_sweep") + LIBRARY_ATTACKS
 
 
-def load_run(run: Path, device, data_root: Optional[str] = None,
-             download: Optional[bool] = None) -> tuple:
-    """(model in eval mode, its Config, its Data, the checkpoint's epoch) of a run folder."""
+# input channels and classes of each dataset: enough to rebuild a model from its checkpoint
+DATASET_SHAPES = {"digits": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100)}
+
+
+def run_config(run: Path) -> tuple[Config, dict]:
+    """The Config a run folder was trained with, and its checkpoint (checked, weights_only)."""
     path = run / "checkpoint.pt"
     if not path.is_file():
         raise IAATError(f"{path} not found; give the folder of a run trained by iaat.py")
@@ -1495,17 +1509,31 @@ def load_run(run: Path, device, data_root: Optional[str] = None,
     known = {f.name for f in dataclasses.fields(Config)}
     values = {k: v for k, v in ckpt["config"].items() if k in known}
     values["lr_milestones"] = tuple(values.get("lr_milestones", ()))
-    values.update({k: v for k, v in (("data_root", data_root), ("download", download))
-                   if v is not None})
-    cfg = Config(**values)
-    data = load_data(cfg, device)
-    model = build_model(cfg.model, data.num_classes, data.mean, data.std)
+    try:
+        return Config(**values), ckpt
+    except TypeError as err:
+        raise IAATError(f"checkpoint {path} holds an incomplete config: {err}") from None
+
+
+def load_model(run: Path, device, cfg: Config, ckpt: dict) -> nn.Module:
+    """The run's trained model, in eval mode; its normalisation comes from the checkpoint."""
+    if cfg.dataset not in DATASET_SHAPES:
+        raise IAATError(f"{run}: unknown dataset {cfg.dataset!r} in the checkpoint")
+    channels, classes = DATASET_SHAPES[cfg.dataset]
+    model = build_model(cfg.model, classes, (0.0,) * channels, (1.0,) * channels)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise IAATError(f"checkpoint {path} does not fit model {cfg.model}: "
+        raise IAATError(f"checkpoint {run / 'checkpoint.pt'} does not fit model {cfg.model}: "
                         f"{str(err).splitlines()[0]}") from None
-    return model.to(device).eval(), cfg, data, ckpt["epoch"]
+    return model.to(device).eval()
+
+
+def load_run(run, device="cpu") -> tuple:
+    """(model in eval mode, Config, Data, checkpoint epoch) of a run folder, in one call."""
+    run, device = Path(run), torch.device(device)
+    cfg, ckpt = run_config(run)
+    return load_model(run, device, cfg, ckpt), cfg, load_data(cfg, device), ckpt["epoch"]
 
 
 def eval_subset(n: int, n_examples: Optional[int], seed: int, device) -> torch.Tensor:
@@ -1516,14 +1544,13 @@ def eval_subset(n: int, n_examples: Optional[int], seed: int, device) -> torch.T
     return torch.randperm(n, generator=gen)[:n_examples].sort().values.to(device)
 
 
-def _batched(fn, x_u8, y, batch_size: int, desc: str, extra=()) -> torch.Tensor:
-    """Apply fn(x, y, *extra_batch) -> (B,...) bool over batches, with a progress bar."""
+def _batched(fn, x_u8, y, batch_size: int, desc: str) -> torch.Tensor:
+    """fn(x, y, idx) -> bool (..., B) over batches of the examples (idx: their positions),
+    concatenated; with a progress bar on a terminal."""
     from tqdm.auto import tqdm
-    parts = []
-    for idx in tqdm(torch.arange(len(y)).split(batch_size), desc=desc, leave=False, disable=None):
-        idx = idx.to(y.device)
-        parts.append(fn(to_float(x_u8[idx]), y[idx], *(e[idx] for e in extra)))
-    return torch.cat(parts, dim=-1)
+    batches = torch.arange(len(y), device=y.device).split(batch_size)
+    return torch.cat([fn(to_float(x_u8[i]), y[i], i)
+                      for i in tqdm(batches, desc=desc, leave=False, disable=None)], dim=-1)
 
 
 def _name(steps: int, restarts: int) -> str:
@@ -1531,43 +1558,49 @@ def _name(steps: int, restarts: int) -> str:
 
 
 def run_evaluation(model, x_u8, y, *, ev: dict, num_classes: int, surrogate=None,
-                   corruptions: Optional[Path] = None, log=print) -> dict:
+                   corruptions: Optional[Path] = None, target: Optional[torch.Tensor] = None,
+                   progress: Optional[Callable[[dict], None]] = None) -> dict:
     """Every part of the protocol in ev["parts"] on the images x_u8 (uint8) and labels y.
 
     Returns plain numbers (accuracies as fractions) and the per-sample worst case over every
-    white-box attack that ran. Each part reseeds torch with ev["seed"], so a part's result does
-    not depend on which others ran."""
+    white-box attack that ran. `target` makes the white-box PGD rows random-targeted (the
+    other parts stay untargeted). Each part reseeds torch with ev["seed"], so a part's result
+    does not depend on which others ran. `progress` receives the results so far after each
+    part (a long CIFAR evaluation keeps what it has measured)."""
+    with torch.autocast(y.device.type, enabled=False):  # FP32 even inside a caller's autocast
+        return _run_parts(model, x_u8, y, ev, num_classes, surrogate, corruptions, target,
+                          progress or (lambda res: None))
+
+
+def _run_parts(model, x_u8, y, ev, num_classes, surrogate, corruptions, target, progress):
     eps, step, bs, parts = ev["eps"], ev["step_size"], ev["batch_size"], ev["parts"]
     res, worst, seconds = {}, None, {}
-    target = None
-    if ev["targeted"] == "random":
-        target = random_targets(y, num_classes, torch.Generator(y.device).manual_seed(ev["seed"]))
 
     def timed(part, fn):
+        progress(dict(res, seconds=seconds))
         torch.manual_seed(ev["seed"])
         t0 = time.time()
         out = fn()
         seconds[part] = round(time.time() - t0, 1)
         return out
 
-    def batched(fn, desc, extra=()):
-        return _batched(fn, x_u8, y, bs, desc, extra)
+    def batched(fn, desc):
+        return _batched(fn, x_u8, y, bs, desc)
 
     natural = timed("natural", lambda: batched(
-        lambda x, t: clean_correct(model, x, t), "natural"))
+        lambda x, t, _: clean_correct(model, x, t), "natural"))
     res["natural"], worst = natural.float().mean().item(), natural.clone()
     if "whitebox" in parts:
         res["whitebox"] = {}
         for k, r in ev["whitebox"]:
-            extra = (target,) if target is not None else ()
             ok = timed(_name(k, r), lambda: batched(
-                lambda x, t, *tg: attack_correct(model, x, t, eps=eps, steps=k, step_size=step,
-                                                 restarts=r, target=tg[0] if tg else None),
-                _name(k, r), extra))
+                lambda x, t, i: attack_correct(model, x, t, eps=eps, steps=k, step_size=step,
+                                               restarts=r, target=None if target is None
+                                               else target[i]), _name(k, r)))
             res["whitebox"][_name(k, r)], worst = ok.float().mean().item(), worst & ok
     if "transfer" in parts:
         k, r = ev["transfer"]
-        ok = timed("transfer", lambda: batched(lambda x, t: transfer_correct(
+        ok = timed("transfer", lambda: batched(lambda x, t, _: transfer_correct(
             model, surrogate, x, t, eps=eps, steps=k, step_size=step, restarts=r),
             f"transfer {_name(k, r)}"))
         res["transfer"] = ok.float().mean().item()
@@ -1576,35 +1609,35 @@ def run_evaluation(model, x_u8, y, *, ev: dict, num_classes: int, surrogate=None
             attack = library_attack(name, model, eps=eps, step_size=step, num_classes=num_classes,
                                     seed=ev["seed"])
             ok = timed(name, lambda: batched(
-                lambda x, t: library_correct(attack, model, x, t, eps), name))
+                lambda x, t, _: library_correct(attack, model, x, t, eps), name))
             res[name], worst = ok.float().mean().item(), worst & ok
     if "corruptions" in parts:
         res["corruptions"] = timed("corruptions", lambda: corruption_accuracy(
-            model, corruptions, ev, x_u8.shape[1:]))
+            model, corruptions, ev, x_u8.shape[1:], num_classes))
     if "eps_sweep" in parts:
         k, r = ev["sweep_attack"]
         accs = []
         for e in ev["eps_sweep"]:
             ok = timed(f"eps {e * PIXEL:g}", lambda: batched(
-                lambda x, t: attack_correct(model, x, t, eps=e, steps=k, restarts=r,
-                                            step_size=min(step, e / 4)),
+                lambda x, t, _: attack_correct(model, x, t, eps=e, steps=k, restarts=r,
+                                               step_size=min(step, e / 4)),
                 f"eps sweep {e * PIXEL:g}/255"))
             accs.append(ok.float().mean().item())
         res["eps_sweep"] = {"attack": _name(k, r), "eps_255": [e * PIXEL for e in ev["eps_sweep"]],
                             "acc": accs}
     if "steps_sweep" in parts:
         ok = timed("steps_sweep", lambda: batched(
-            lambda x, t: pgd_steps_sweep(model, x, t, eps=eps, step_size=step,
-                                         steps=ev["steps_sweep"]), "PGD steps sweep"))
+            lambda x, t, _: pgd_steps_sweep(model, x, t, eps=eps, step_size=step,
+                                            steps=ev["steps_sweep"]), "PGD steps sweep"))
         res["steps_sweep"] = {"steps": list(ev["steps_sweep"]),
                               "acc": ok.float().mean(1).tolist()}
-    if len(parts & {"whitebox", *LIBRARY_ATTACKS}):
+    if parts & {"whitebox", *LIBRARY_ATTACKS}:
         res["worst_case"] = worst.float().mean().item()
     res["seconds"] = seconds
     return res
 
 
-def corruption_accuracy(model, root: Path, ev: dict, shape) -> dict:
+def corruption_accuracy(model, root: Path, ev: dict, shape, num_classes: int) -> dict:
     """Natural accuracy on each corruption and severity (CIFAR-10-C layout), and the mean over
     all of them (paper Table 1's corruption column). With n_examples, the same subset of
     each severity block is used."""
@@ -1615,37 +1648,44 @@ def corruption_accuracy(model, root: Path, ev: dict, shape) -> dict:
         if tuple(x_all.shape[1:]) != tuple(shape):
             raise IAATError(f"{root / name}.npy holds images of shape {tuple(x_all.shape[1:])} "
                             f"(C, H, W); the model takes {tuple(shape)}")
+        if int(y_all.min()) < 0 or int(y_all.max()) >= num_classes:
+            raise IAATError(f"{root}/labels.npy holds labels {int(y_all.min())}-{int(y_all.max())}"
+                            f"; the model has {num_classes} classes (CIFAR-10-C vs CIFAR-100-C?)")
         n = len(y_all) // 5
         pick = eval_subset(n, ev["n_examples"], ev["seed"], "cpu")
         accs = []
         for s in range(5):
             idx = s * n + pick
-            ok = _batched(lambda x, t: clean_correct(model, x, t), x_all[idx].to(device),
+            ok = _batched(lambda x, t, _: clean_correct(model, x, t), x_all[idx].to(device),
                           y_all[idx].to(device), ev["batch_size"], f"{name} severity {s + 1}")
             accs.append(ok.float().mean().item())
         per[name] = accs
     return {"mean": float(np.mean([a for v in per.values() for a in v])), "per_corruption": per}
 
 
-def eval_table(rows: list) -> str:
-    """Markdown: one row per evaluated run, the columns of paper Tables 1 and 3."""
-    cols = [("natural", "natural")]
-    for r in rows:
-        cols += [(("whitebox", k), k) for k in r.get("whitebox", {}) if (("whitebox", k), k) not in cols]
-    cols += [(k, title) for k, title in (("transfer", "transfer"), ("corruptions", "corruption"),
-                                         ("deepfool", "DeepFool"), ("mifgsm", "MI-FGSM"),
-                                         ("cw40", "CW40"), ("autoattack", "AutoAttack"),
-                                         ("worst_case", "worst case"))
-             if any(k in r for r in rows)]
+# the columns of paper Tables 1 and 3 after natural and the white-box PGD rows: (key, title)
+TABLE_COLUMNS = (("transfer", "transfer"), ("corruptions", "corruption"), ("deepfool", "DeepFool"),
+                 ("mifgsm", "MI-FGSM"), ("cw40", "CW40"), ("autoattack", "AutoAttack"),
+                 ("worst_case", "worst case"))
 
-    def cell(r, key):
-        v = r["whitebox"].get(key[1]) if isinstance(key, tuple) else r.get(key)
-        v = v["mean"] if isinstance(v, dict) else v
-        return "-" if v is None else f"{100 * v:.2f}"
-    head = "| run | " + " | ".join(t for _, t in cols) + " |"
-    lines = [head, "|" + " --- |" * (len(cols) + 1)]
+
+def table_cells(r: dict) -> dict:
+    """Column title -> accuracy in % of one evaluation result, in the order of Tables 1 and 3."""
+    cells = {"natural": r["natural"], **r.get("whitebox", {})}
+    for key, title in TABLE_COLUMNS:
+        if key in r:
+            cells[title] = r[key]["mean"] if isinstance(r[key], dict) else r[key]
+    return {k: 100 * v for k, v in cells.items()}
+
+
+def eval_table(rows: list) -> str:
+    """Markdown: one row per evaluated run, the columns that ran."""
+    titles = list(dict.fromkeys(t for r in rows for t in table_cells(r)))
+    lines = ["| run | " + " | ".join(titles) + " |", "|" + " --- |" * (len(titles) + 1)]
     for r in rows:
-        lines.append(f"| {r['label']} | " + " | ".join(cell(r, k) for k, _ in cols) + " |")
+        cells = table_cells(r)
+        lines.append(f"| {r['label']} | " + " | ".join(
+            f"{cells[t]:.2f}" if t in cells else "-" for t in titles) + " |")
     return "\n".join(lines)
 
 
@@ -1700,15 +1740,26 @@ def _pairs(text: str) -> tuple:
     return pairs
 
 
-def _numbers(kind):
-    def parse(text: str) -> tuple:
+def _pair(text: str) -> tuple:
+    """'1000x2' -> (1000, 2)."""
+    pairs = _pairs(text)
+    if len(pairs) != 1:
+        raise argparse.ArgumentTypeError(f"expected one STEPSxRESTARTS such as 1000x2, got {text!r}")
+    return pairs[0]
+
+
+def _numbers(kind, least: float = 0, single: bool = False):
+    """A parser of 'a,b,c' (or of one number with `single`), each finite and >= least."""
+    def parse(text: str):
         try:
             values = tuple(kind(v) for v in text.split(","))
         except ValueError:
             values = ()
-        if not values or any(not math.isfinite(v) or v < 0 for v in values):
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {text!r}")
-        return values
+        if not values or (single and len(values) > 1) or \
+                any(not math.isfinite(v) or v < least for v in values):
+            many = "a number" if single else "comma-separated numbers"
+            raise argparse.ArgumentTypeError(f"expected {many} >= {least:g}, got {text!r}")
+        return values[0] if single else values
     return parse
 
 
@@ -1731,15 +1782,18 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", type=lambda s: set(s.split(",")), help="comma-separated subset of "
                    f"{','.join(EVAL_PARTS)} (default: all; transfer and corruptions when their "
                    "inputs are given)")
-    p.add_argument("--eps", type=_numbers(float), help="test radius [x/255]")
-    p.add_argument("--step-size", type=_numbers(float), help="PGD step size [x/255]")
+    p.add_argument("--eps", type=_numbers(float, single=True), help="test radius [x/255]")
+    p.add_argument("--step-size", type=_numbers(float, single=True),
+                   help="PGD step size [x/255]")
     p.add_argument("--whitebox", type=_pairs, help="white-box PGD attacks, e.g. 10x5,100x5,1000x2")
-    p.add_argument("--transfer", type=_pairs, help="transfer attack, e.g. 1000x2")
+    p.add_argument("--transfer", type=_pair, help="transfer attack, e.g. 1000x2")
     p.add_argument("--eps-sweep", type=_numbers(float), help="test radii of the Fig 4 sweep [x/255]")
-    p.add_argument("--sweep-attack", type=_pairs, help="PGD of the eps sweep, e.g. 100x1")
-    p.add_argument("--steps-sweep", type=_numbers(int), help="PGD iteration counts of Fig 9")
+    p.add_argument("--sweep-attack", type=_pair, help="PGD of the eps sweep, e.g. 100x1")
+    p.add_argument("--steps-sweep", type=_numbers(int, least=1),
+                   help="PGD iteration counts of Fig 9")
     p.add_argument("--targeted", choices=("none", "random"), default="none",
-                   help="random: random-targeted white-box PGD (ImageNet protocol, Xie et al.)")
+                   help="random: the white-box PGD rows are random-targeted (ImageNet protocol, "
+                        "Xie et al.); the other parts stay untargeted")
     p.add_argument("--n-examples", type=int, help="evaluate a subset of the test set, drawn with --seed")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset, targets and attack starts")
     p.add_argument("--batch-size", type=int, default=500)
@@ -1753,16 +1807,14 @@ def build_eval_parser() -> argparse.ArgumentParser:
 def eval_settings(args, dataset: str) -> dict:
     """The preset for the run's dataset, overridden by the flags given; /255 flags converted."""
     ev = dict(EVAL_PRESETS[args.preset or ("digits" if dataset == "digits" else "paper")])
-    for key in ("eps", "step_size", "eps_sweep"):
+    for key in ("eps", "step_size"):
         if getattr(args, key) is not None:
-            v = tuple(x / PIXEL for x in getattr(args, key))
-            ev[key] = v if key == "eps_sweep" else v[0]
-    for key in ("whitebox", "steps_sweep"):
+            ev[key] = getattr(args, key) / PIXEL
+    if args.eps_sweep is not None:
+        ev["eps_sweep"] = tuple(e / PIXEL for e in args.eps_sweep)
+    for key in ("whitebox", "steps_sweep", "transfer", "sweep_attack"):
         if getattr(args, key) is not None:
             ev[key] = getattr(args, key)
-    for key in ("transfer", "sweep_attack"):
-        if getattr(args, key) is not None:
-            ev[key] = getattr(args, key)[0]
     parts = args.parts or set(EVAL_PARTS) - {"transfer", "corruptions"} | (
         {"transfer"} if args.surrogate else set()) | ({"corruptions"} if args.corruptions else set())
     unknown = parts - set(EVAL_PARTS)
@@ -1776,45 +1828,66 @@ def eval_settings(args, dataset: str) -> dict:
     if ev["step_size"] <= 0 or (args.n_examples is not None and args.n_examples < 1) \
             or args.batch_size < 1:
         raise IAATError("--step-size, --n-examples and --batch-size must be positive")
+    if parts & set(LIBRARY_ATTACKS):
+        import importlib.util
+        if importlib.util.find_spec("torchattacks") is None:  # now, not after hours of PGD
+            raise IAATError("the DeepFool, MI-FGSM, CW40 and AutoAttack parts need torchattacks "
+                            "(pip install -r requirements.txt), or leave them out with --parts")
+    if args.surrogate is not None and args.surrogate.resolve() == args.run.resolve():
+        raise IAATError("--surrogate must be another run (an independently trained copy)")
     ev.update(parts=parts, targeted=args.targeted, n_examples=args.n_examples, seed=args.seed,
               batch_size=args.batch_size)
     return ev
 
 
 def evaluate_run(argv) -> dict:
-    """`iaat eval RUN_DIR ...`: load, evaluate, print the table, write JSON, markdown and plots."""
+    """`iaat eval RUN_DIR ...`: load, evaluate, print the table, write JSON, markdown and plots.
+    The JSON is rewritten after every part (with "complete": false until the end)."""
     args = build_eval_parser().parse_args(argv)
+    cfg, ckpt = run_config(args.run)
+    ev = eval_settings(args, cfg.dataset)  # bad flags fail before any data is read
     device = pick_device(args.device)
-    model, cfg, data, epoch = load_run(args.run, device, args.data_root, args.download)
-    ev = eval_settings(args, cfg.dataset)
+    model = load_model(args.run, device, cfg, ckpt)
     surrogate = None
     if "transfer" in ev["parts"]:
-        surrogate, scfg, _, _ = load_run(args.surrogate, device, args.data_root, args.download)
+        scfg, sckpt = run_config(args.surrogate)
         if (scfg.dataset, scfg.split_seed) != (cfg.dataset, cfg.split_seed):
             raise IAATError(f"the surrogate was trained on {scfg.dataset} (split {scfg.split_seed}),"
                             f" the model on {cfg.dataset} (split {cfg.split_seed})")
-        if args.surrogate.resolve() == args.run.resolve():
-            raise IAATError("--surrogate must be another run (an independently trained copy)")
+        surrogate = load_model(args.surrogate, device, scfg, sckpt)
+    if args.data_root is not None or args.download is not None:
+        cfg = dataclasses.replace(cfg, data_root=args.data_root or cfg.data_root,
+                                  download=cfg.download if args.download is None else args.download)
+    data = load_data(cfg, device)
     idx = eval_subset(len(data.test_y), ev["n_examples"], ev["seed"], device)
-    if epoch < cfg.epochs:
-        print(f"iaat eval: note: {args.run} holds epoch {epoch} of {cfg.epochs}", file=sys.stderr)
+    target = None
+    if args.targeted == "random":  # drawn for the whole test set on the CPU: the same targets
+        target = random_targets(data.test_y.cpu(), data.num_classes,  # on any device and subset
+                                torch.Generator().manual_seed(ev["seed"])).to(device)[idx]
+    if ckpt["epoch"] < cfg.epochs:
+        print(f"iaat eval: note: {args.run} holds epoch {ckpt['epoch']} of {cfg.epochs}",
+              file=sys.stderr)
+    head = {"label": f"{cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}",
+            "run": str(args.run), "checkpoint_epoch": ckpt["epoch"], "epochs": cfg.epochs,
+            "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method, "seed": cfg.seed,
+            "eps_255": ev["eps"] * PIXEL, "step_size_255": ev["step_size"] * PIXEL,
+            "targeted": args.targeted, "n_examples": len(idx), "eval_seed": ev["seed"],
+            "surrogate": str(args.surrogate) if surrogate is not None else None,
+            "corruptions_dir": str(args.corruptions) if "corruptions" in ev["parts"] else None,
+            "device": device.type, "torch": torch.__version__}
+    json_path = args.run / f"{args.name}.json"
     res = run_evaluation(model, data.test_x[idx], data.test_y[idx], ev=ev,
                          num_classes=data.num_classes, surrogate=surrogate,
-                         corruptions=args.corruptions)
-    res = {"label": f"{cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}", "run": str(args.run),
-           "checkpoint_epoch": epoch, "epochs": cfg.epochs, "dataset": cfg.dataset,
-           "model": cfg.model, "method": cfg.method, "seed": cfg.seed,
-           "eps_255": ev["eps"] * PIXEL, "step_size_255": ev["step_size"] * PIXEL,
-           "targeted": ev["targeted"], "n_examples": len(idx), "eval_seed": ev["seed"],
-           "surrogate": str(args.surrogate) if surrogate is not None else None,
-           "corruptions_dir": str(args.corruptions) if "corruptions" in ev["parts"] else None,
-           "device": device.type, "torch": torch.__version__, **res}
+                         corruptions=args.corruptions, target=target,
+                         progress=lambda part: write_json(json_path, {**head, **part,
+                                                                      "complete": False}))
+    res = {**head, **res, "complete": True}
     text = (f"Evaluation of {args.run} at eps {ev['eps'] * PIXEL:g}/255, step "
             f"{ev['step_size'] * PIXEL:g}/255, {len(idx)} test images, seed {ev['seed']}"
-            f"{', random-targeted' if ev['targeted'] == 'random' else ''} (accuracy, %):\n\n"
+            f"{', random-targeted white-box PGD' if target is not None else ''} (accuracy, %):\n\n"
             + eval_table([res]) + "\n" + sweep_tables(res) + "\n")
     print(text)
-    write_json(args.run / f"{args.name}.json", res)
+    write_json(json_path, res)
     atomic_write(args.run / f"{args.name}.md", lambda p: p.write_text(text))
     plot_sweeps(res, args.run, args.name)
     return res
@@ -1898,8 +1971,9 @@ def main(argv=None) -> int:
         print(f"iaat: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("iaat: interrupted; rerun the same command to resume from the last checkpoint",
-              file=sys.stderr)
+        print("iaat: interrupted; " + ("the parts finished so far are in the JSON"
+              if argv[:1] == ["eval"] else "rerun the same command to resume from the last "
+              "checkpoint"), file=sys.stderr)
         return 130
     finally:
         if joined:

@@ -2,13 +2,15 @@
 torchattacks', exactness of the shortcuts, the corruption layout, mCE, and `iaat eval`
 end to end on digits models trained here."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import iaat
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 EPS, STEP = 0.2, 0.05  # the digits preset's test radius and step
 
@@ -74,15 +76,14 @@ def test_any_iterate_and_restarts_are_at_least_as_strong(trained):
 def test_steps_sweep_equals_separate_pgd_runs(trained):
     """One run of max(steps) gives exactly PGD-k for every k (fixed step, same random start)."""
     model, x, y = trained
-    ks = (1, 3, 7, 15)
+    ks = (7, 1, 15, 3)  # rows come back in the order asked
     torch.manual_seed(5)
     sweep = iaat.pgd_steps_sweep(model, x, y, eps=EPS, step_size=STEP, steps=ks)
     for row, k in zip(sweep, ks):
         torch.manual_seed(5)
         assert torch.equal(row, iaat.attack_correct(model, x, y, eps=EPS, steps=k,
                                                     step_size=STEP)), k
-    counts = sweep.sum(1).tolist()
-    assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1]
+    assert sweep[1].sum() > sweep[2].sum()  # PGD-1 is weaker than PGD-15
 
 
 def test_transfer_from_the_model_itself_is_its_white_box_attack(trained, runs):
@@ -110,11 +111,16 @@ def test_random_targeted_attack_moves_images_to_their_targets(trained):
     target = iaat.random_targets(y, 10, torch.Generator().manual_seed(0))
     x_adv = iaat.pgd_attack(model, x, target, 0.4, steps=20, step_size=0.05, targeted=True)
     hit = (_acc(model, x_adv) == target).float().mean()
-    targeted = iaat.attack_correct(model, x, y, eps=EPS, steps=20, step_size=STEP, target=target)
-    untargeted = iaat.attack_correct(model, x, y, eps=EPS, steps=20, step_size=STEP)
     assert hit > 0.5
+    torch.manual_seed(2)
+    one = iaat.attack_correct(model, x, y, eps=EPS, steps=20, step_size=STEP, target=target)
+    torch.manual_seed(2)
+    three = iaat.attack_correct(model, x, y, eps=EPS, steps=20, step_size=STEP, target=target,
+                                restarts=3)
+    untargeted = iaat.attack_correct(model, x, y, eps=EPS, steps=20, step_size=STEP)
+    assert not (three & ~one).any() and three.sum() < one.sum()  # each sample's worst restart
     # reaching one given class is harder than leaving the true one
-    assert targeted.float().mean() >= untargeted.float().mean() - 0.01
+    assert one.float().mean() >= untargeted.float().mean() - 0.01
 
 
 def test_library_attacks_stay_in_the_ball_and_below_natural(trained):
@@ -133,6 +139,17 @@ def test_library_attacks_stay_in_the_ball_and_below_natural(trained):
         assert accs[name] <= natural, name
     assert accs["mifgsm"] < natural and accs["deepfool"] < natural
     assert abs(accs["cw40"] - pgd40) <= 0.1  # CW-loss PGD-40 is about as strong as CE PGD-40
+
+
+def test_autoattack_is_the_standard_version_for_any_number_of_classes(trained):
+    model = trained[0]
+    for classes in (10, 100):
+        aa = iaat.library_attack("autoattack", model, eps=EPS, step_size=STEP,
+                                 num_classes=classes)
+        names = [type(a).__name__ for a in aa._autoattack.attacks]
+        assert names == ["APGD", "APGDT", "FAB", "Square"]
+        assert [getattr(a, "n_target_classes", None) for a in aa._autoattack.attacks] == \
+            [None, 9, 9, None]  # standard AutoAttack: the 9 most likely other classes
 
 
 def test_cw_margin_by_hand():
@@ -179,6 +196,8 @@ def test_corruption_loader_reads_the_published_layout(tmp_path):
     ("missing", "fog.npy not found"),
     ("dtype", "expected uint8 (5n, H, W, C)"),
     ("labels", "expected uint8 (5n, H, W, C)"),
+    ("2-d labels", "expected uint8 (5n, H, W, C)"),
+    ("empty", "cannot read"),
 ])
 def test_corruption_loader_rejects_bad_files(tmp_path, damage, message):
     imgs = np.zeros((2, 8, 8, 3), np.uint8)
@@ -187,8 +206,12 @@ def test_corruption_loader_rejects_bad_files(tmp_path, damage, message):
         (tmp_path / "fog.npy").unlink()
     elif damage == "dtype":
         np.save(tmp_path / "fog.npy", np.zeros((10, 8, 8, 3), np.float32))
-    else:
+    elif damage == "labels":
         np.save(tmp_path / "labels.npy", np.zeros(7, np.uint8))
+    elif damage == "2-d labels":
+        np.save(tmp_path / "labels.npy", np.zeros((10, 1), np.uint8))
+    else:
+        (tmp_path / "fog.npy").write_bytes(b"")
     with pytest.raises(iaat.IAATError, match=message.replace("(", r"\(").replace(")", r"\)")):
         iaat.load_corruption(tmp_path, "fog")
 
@@ -224,6 +247,7 @@ def test_eval_cli_runs_the_whole_protocol(runs, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((run / "eval.json").read_text())
     assert res["n_examples"] == 40 and res["eps_255"] == 51 and res["surrogate"] == str(surrogate)
+    assert res["complete"] is True
     assert set(res["whitebox"]) == {"PGD-5x2", "PGD-10x2", "PGD-20x1"}
     for key in ("natural", "transfer", "deepfool", "mifgsm", "cw40", "autoattack", "worst_case"):
         assert 0 <= res[key] <= 1, key
@@ -248,6 +272,16 @@ def test_eval_cli_runs_the_whole_protocol(runs, tmp_path):
     assert table.splitlines()[0] in r.stdout
     for png in ("eval_eps_sweep.png", "eval_steps_sweep.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # scripts/eval_table.py: mean ± std over seeds (here the same result twice, as seeds 0, 1)
+    twin = tmp_path / "twin.json"
+    twin.write_text(json.dumps(dict(res, seed=1)))
+    r = subprocess.run([sys.executable, ROOT / "scripts" / "eval_table.py", run / "eval.json", twin,
+                        "--plot", tmp_path / "sweeps.png"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    row = r.stdout.strip().splitlines()[-1]
+    assert row.startswith("| digits smallcnn at | 0,1 | ")
+    assert f"{100 * res['natural']:.1f} ± 0.0" in row and len(row.split("|")) - 2 == 13  # cells
+    assert (tmp_path / "sweeps.png").stat().st_size > 10_000
 
 
 def test_eval_eps_sweep_does_not_rise_on_the_whole_test_set(trained):
@@ -277,7 +311,10 @@ def test_eval_cli_errors(runs, tmp_path):
     _one_line_error(run_cli("eval", run, "--surrogate", run, "--parts", "transfer"),
                     "must be another run")
     _one_line_error(run_cli("eval", run, "--whitebox", "10y5"), "STEPSxRESTARTS", code=2)
-    _one_line_error(run_cli("eval", run, "--eps", "-8"), "numbers >= 0", code=2)
+    _one_line_error(run_cli("eval", run, "--eps", "-8"), "a number >= 0", code=2)
+    _one_line_error(run_cli("eval", run, "--eps", "8,16"), "a number >= 0", code=2)
+    _one_line_error(run_cli("eval", run, "--transfer", "10x1,20x2"), "one STEPSxRESTARTS", code=2)
+    _one_line_error(run_cli("eval", run, "--steps-sweep", "0,10"), "numbers >= 1", code=2)
     _one_line_error(run_cli("eval", run, "--n-examples", "0"), "must be positive")
     _one_line_error(run_cli("eval", run, "--corruptions", tmp_path, "--parts", "corruptions"),
                     "gaussian_noise.npy not found")
@@ -286,3 +323,39 @@ def test_eval_cli_errors(runs, tmp_path):
     (bad / "checkpoint.pt").write_bytes(b"not a checkpoint")
     _one_line_error(run_cli("eval", bad), "is unreadable")
     assert not list(run.glob(".*.tmp*"))  # no half-written files left behind
+
+
+def test_evaluation_runs_in_eval_mode_and_fp32(trained):
+    """A model handed over in train mode (and inside autocast) is evaluated in eval mode and
+    FP32: BatchNorm statistics do not move, the mode is given back, and the numbers equal
+    those of the same call on the model in eval mode."""
+    model, x, y = trained
+    x_u8 = (x[:50] * 255).round().to(torch.uint8)
+    ev = dict(iaat.EVAL_PRESETS["digits"], parts={"whitebox", "steps_sweep"}, targeted="none",
+              n_examples=None, seed=0, batch_size=20, whitebox=((5, 2),), steps_sweep=(1, 5))
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    dtypes = set()
+    hook = model.register_forward_hook(lambda m, inp, out: dtypes.add(out.dtype))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_train = iaat.run_evaluation(model, x_u8, y[:50], ev=ev, num_classes=10)
+    hook.remove()
+    assert dtypes == {torch.float32} and model.training
+    model.eval()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
+    in_eval = iaat.run_evaluation(model, x_u8, y[:50], ev=ev, num_classes=10)
+    for key in ("natural", "whitebox", "steps_sweep"):
+        assert in_train[key] == in_eval[key], key
+
+
+def test_eval_cli_random_targeted_and_a_100_class_corruption_set(runs, tmp_path):
+    run = runs[0]
+    r = run_cli("eval", run, "--parts", "whitebox", "--whitebox", "5x2", "--targeted", "random",
+                "--n-examples", "30", "--batch-size", "7", "--name", "targeted")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((run / "targeted.json").read_text())
+    assert res["targeted"] == "random" and res["complete"] and res["n_examples"] == 30
+    assert res["whitebox"]["PGD-5x2"] <= res["natural"]
+    write_corruptions(tmp_path / "c100", np.zeros((2, 8, 8, 1), np.uint8), [50, 99])
+    _one_line_error(run_cli("eval", run, "--parts", "corruptions", "--corruptions",
+                            tmp_path / "c100"), "the model has 10 classes")
