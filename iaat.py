@@ -160,6 +160,17 @@ def make_config(dataset: str = "digits", model: Optional[str] = None, **override
     return cfg
 
 
+def shorten(cfg: Config, epochs: Optional[int]) -> Config:
+    """The same run in `epochs` epochs, its LR milestones scaled to match (quick tries and
+    notebooks); None keeps the preset's schedule."""
+    if not epochs:
+        return cfg
+    milestones = tuple(round(m * epochs / cfg.epochs) for m in cfg.lr_milestones)
+    short = dataclasses.replace(cfg, epochs=epochs, lr_milestones=milestones)
+    check_config(short)
+    return short
+
+
 def check_config(cfg: Config) -> None:
     """Reject settings that cannot be right, with a one-line reason (DESIGN section 8)."""
     if cfg.method not in METHODS:
@@ -207,6 +218,25 @@ def run_dir(cfg: Config) -> Path:
         name = name[:name.index("-seed")] + f"-seed{cfg.seed}-" + \
             hashlib.sha1("".join(tags).encode()).hexdigest()[:10]
     return Path("runs") / name
+
+
+def command_line(cfg: Config, script: str = "iaat.py") -> str:
+    """The `python iaat.py ...` command that trains `cfg`: its dataset, method and seed, and
+    every setting that differs from the preset, in the CLI's units (/255 where marked)."""
+    preset = make_config(cfg.dataset, cfg.model, method=cfg.method, seed=cfg.seed)
+    words = ["python", script, "--dataset", cfg.dataset, "--method", cfg.method, "--seed",
+             str(cfg.seed)]
+    for f in dataclasses.fields(Config):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.name in ("dataset", "method", "seed") or value == getattr(preset, f.name):
+            continue
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            words += [flag, *map(str, value)]
+        elif value is not None:
+            words += [flag, _preset_str(f.name, value)]
+    return " ".join(words)
 
 
 def _tag(name: str, value) -> str:
@@ -798,11 +828,14 @@ def transfer_correct(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y:
         return model(x_adv).argmax(1) == y
 
 
-def cw_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Summed Carlini-Wagner margin max_{j != y} z_j - z_y, the loss of CW-PGD (Madry et al.)."""
+def cw_margin(logits: torch.Tensor, y: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """Carlini-Wagner margin max_{j != y} z_j - z_y, the loss of CW-PGD (Madry et al.): summed
+    over the batch, or per sample with reduction="none" (negative: classified correctly)."""
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -float("inf")).amax(1)
-    return (other - true).sum()
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    return (other - true).sum() if reduction == "sum" else other - true
 
 
 LIBRARY_ATTACKS = ("deepfool", "mifgsm", "cw40", "autoattack")
@@ -1210,7 +1243,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     Under torchrun every process runs this; each trains on its shard of every global batch,
     the eps memories are kept identical, and rank 0 alone logs and writes.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the plain bar: silent outside a terminal, notebooks included
     d = current_dist()
     log = log if d.main else (lambda msg: None)
     out = run_dir(cfg)
@@ -1322,6 +1355,25 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
         if lock is not None:
             lock.close()
     return finish(model, data, cfg, out, rows, history, mem, visits, log)
+
+
+def train_or_load(cfg: Config, log: Optional[Callable[[str], None]] = None,
+                  train_missing: bool = True) -> dict:
+    """The summary of run_dir(cfg): read from its summary.json when that run has finished with
+    these settings, else train (or resume) it first, or with train_missing=False raise
+    IAATError. Notebooks use it to render runs made elsewhere (say, CIFAR on a GPU) without
+    retraining or re-evaluating them."""
+    out = run_dir(cfg)
+    summary, config = out / "summary.json", out / "config.json"
+    if summary.is_file() and config.is_file():
+        mine, theirs = config_dict(cfg), json.loads(config.read_text())
+        done = json.loads(summary.read_text())
+        if done.get("epochs") == cfg.epochs and all(
+                mine[k] == theirs.get(k) for k in mine if k not in RUNTIME_FIELDS):
+            return done
+    if not train_missing:
+        raise IAATError(f"no finished run with these settings in {out}; train it first")
+    return train(cfg, log or (lambda msg: None))
 
 
 def epoch_streams(cfg: Config, d: Dist, epoch: int, n: int, device, saved_state=None):
@@ -1529,11 +1581,13 @@ def load_model(run: Path, device, cfg: Config, ckpt: dict) -> nn.Module:
     return model.to(device).eval()
 
 
-def load_run(run, device="cpu") -> tuple:
-    """(model in eval mode, Config, Data, checkpoint epoch) of a run folder, in one call."""
+def load_run(run, device="cpu", data_root: Optional[str] = None) -> tuple:
+    """(model in eval mode, Config, Data, checkpoint epoch) of a run folder, in one call; CIFAR
+    is read from `data_root` (default: where the run read it)."""
     run, device = Path(run), torch.device(device)
     cfg, ckpt = run_config(run)
-    return load_model(run, device, cfg, ckpt), cfg, load_data(cfg, device), ckpt["epoch"]
+    data_cfg = dataclasses.replace(cfg, data_root=data_root) if data_root else cfg
+    return load_model(run, device, cfg, ckpt), cfg, load_data(data_cfg, device), ckpt["epoch"]
 
 
 def eval_subset(n: int, n_examples: Optional[int], seed: int, device) -> torch.Tensor:
@@ -1547,7 +1601,7 @@ def eval_subset(n: int, n_examples: Optional[int], seed: int, device) -> torch.T
 def _batched(fn, x_u8, y, batch_size: int, desc: str) -> torch.Tensor:
     """fn(x, y, idx) -> bool (..., B) over batches of the examples (idx: their positions),
     concatenated; with a progress bar on a terminal."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the plain bar: silent outside a terminal, notebooks included
     batches = torch.arange(len(y), device=y.device).split(batch_size)
     return torch.cat([fn(to_float(x_u8[i]), y[i], i)
                       for i in tqdm(batches, desc=desc, leave=False, disable=None)], dim=-1)

@@ -154,3 +154,16 @@ def test_help_explains_units_and_sources():
     text = " ".join(r.stdout.split())
     assert "gamma of Alg 2 (Table 10: 1.9) [x/255" in text
     assert "presets (override any with its flag)" in text
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),
+    dict(method="at", eps_w=12.75 / 255, epochs=20, lr_milestones=(13, 17), out="runs/x"),
+    dict(warmup=0, line_search=True, download=False, eps_max=16 / 255, seed=3),
+])
+def test_command_line_rebuilds_the_config(overrides):
+    import iaat
+    cfg = iaat.make_config("digits", **overrides)
+    cmd = iaat.command_line(cfg)
+    assert cmd.startswith("python iaat.py --dataset digits --method ")
+    assert iaat.config_from_args(cmd.split()[2:]) == cfg

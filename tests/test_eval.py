@@ -156,6 +156,7 @@ def test_cw_margin_by_hand():
     logits = torch.tensor([[2.0, 5.0, -1.0], [0.5, 0.0, 3.0]])
     y = torch.tensor([1, 0])
     assert iaat.cw_margin(logits, y).item() == pytest.approx((2.0 - 5.0) + (3.0 - 0.5))
+    assert iaat.cw_margin(logits, y, reduction="none").tolist() == [2.0 - 5.0, 3.0 - 0.5]
 
 
 def test_eval_subset_is_fixed_by_seed():

@@ -200,3 +200,15 @@ def test_line_search_variant_trains(tmp_path):
     hist = np.load(out / "eps_history.npy")
     grid = np.round(hist * 255 / 12.75, 4)  # line-eta 0.05 = 12.75/255: values on the grid
     assert np.allclose(grid, np.round(grid)) and hist.std() > 0
+
+
+def test_train_or_load_reads_a_finished_run_and_trains_an_unfinished_one(tmp_path):
+    cfg = iaat.make_config("digits", epochs=1, n_train=64, eval_subset=20, eval_steps=2,
+                           out=str(tmp_path / "run"))
+    first = iaat.train_or_load(cfg)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    stamp = ckpt.stat().st_mtime_ns
+    assert iaat.train_or_load(cfg) == first and ckpt.stat().st_mtime_ns == stamp  # read, not rerun
+    longer = iaat.train_or_load(iaat.make_config("digits", epochs=2, n_train=64, eval_subset=20,
+                                                 eval_steps=2, out=str(tmp_path / "run")))
+    assert longer["epochs"] == 2 and ckpt.stat().st_mtime_ns != stamp  # resumed to epoch 2
