@@ -7,6 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 prefix=${PREFIX:-runs/digits}
 seeds=(${SEEDS:-0 1 2})
+if (( ${#seeds[@]} < 2 )); then
+  echo "digits_eval.sh: error: the transfer attack needs a second seed as surrogate (SEEDS=\"0 1\")" >&2
+  exit 2
+fi
 files=()
 for method in iaat at; do
   for i in "${!seeds[@]}"; do
