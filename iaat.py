@@ -1963,7 +1963,8 @@ def build_parser() -> argparse.ArgumentParser:
                         for k, p in PRESETS.items())
     p = _Parser(prog="iaat", description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=f"presets (override any with its flag):\n{presets}")
+                epilog=f"presets (override any with its flag):\n{presets}\n\nevaluate a trained "
+                       "run with the paper's protocol: iaat eval RUN_DIR (see iaat eval --help)")
     for f in dataclasses.fields(Config):
         flag, unit, help = "--" + f.name.replace("_", "-"), f.metadata["unit"], f.metadata["help"]
         names = [flag] + (["--eps"] if f.name == "eps_w" else [])
