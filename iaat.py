@@ -104,6 +104,10 @@ class Config:
     step_size: float = _opt(2 / PIXEL, "PGD step size (Table 10: 2)", "/255")
     step_rel: Optional[float] = _opt(None, "if set, step_i = step_rel * eps_i / attack_steps instead "
                                            "of the fixed step (Madry: 2.5)")
+    select_steps: Optional[int] = _opt(None, "PGD steps of Alg 2's selection attacks (default: "
+                                             "--attack-steps; ImageNet, App E.2: a weaker 10)")
+    select_step_size: Optional[float] = _opt(None, "PGD step of the selection attacks (default: "
+                                                   "the training attack's step)", "/255")
     attack_bn: str = _opt("train", "BatchNorm mode of the training attack: train (as PGD-AT and the "
                                    "official code) or eval; selection always runs in eval mode")
     # evaluation at the end of training (the full paper protocol is `iaat eval`)
@@ -122,6 +126,15 @@ class Config:
     device: str = _opt("auto", "auto (cuda if available), cpu or cuda")
     save_every: int = _opt(0, "also checkpoint every N training steps (0: at epoch ends only)")
     plot_every: int = _opt(10, "rewrite the plots every N epochs (always at the end)")
+    # speed (DESIGN 7): amp changes the arithmetic of training; the others change no number
+    # that matters (memory layout, kernel choice) and may differ between a run and its resume
+    amp: str = _opt("none", "mixed precision for the training and selection attacks and the "
+                            "training step: none (fp32), bf16, or fp16 (loss-scaled input "
+                            "gradients, GradScaler for the weights); evaluation is always fp32")
+    channels_last: str = _opt("auto", "NHWC memory layout of model and batches: auto (on for "
+                                      "CUDA with --amp, where tensor cores want it), on or off")
+    compile: bool = _opt(False, "torch.compile the model (the first steps compile)")
+    cudnn_benchmark: bool = _opt(True, "let cuDNN time its convolution algorithms (CUDA only)")
 
 
 # Paper Table 10 for CIFAR. Digits is this project's calibration (README, DESIGN 6): the
@@ -141,7 +154,8 @@ MODELS = ("smallcnn", "resnet18", "wrn32-10")
 METHODS = ("iaat", "at", "clean")
 # fields that may change between a run and its resumption
 RUNTIME_FIELDS = {"out", "data_root", "download", "device", "save_every", "plot_every", "epochs",
-                  "eval_batch"}
+                  "eval_batch", "channels_last", "compile", "cudnn_benchmark"}
+AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_config(dataset: str = "digits", model: Optional[str] = None, **overrides) -> Config:
@@ -177,7 +191,11 @@ def check_config(cfg: Config) -> None:
         raise IAATError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
     if cfg.attack_bn not in ("train", "eval"):
         raise IAATError(f"--attack-bn must be train or eval, not {cfg.attack_bn!r}")
+    if cfg.amp not in AMP or cfg.channels_last not in ("auto", "on", "off"):
+        raise IAATError(f"--amp must be none, bf16 or fp16 and --channels-last auto, on or off, "
+                        f"not {cfg.amp!r} and {cfg.channels_last!r}")
     for name in ("eps_w", "gamma", "eps_init", "eps_min", "eps_max", "step_size", "eps_test",
+                 "select_step_size",
                  "eval_step_size", "weight_decay", "momentum", "line_eta", "line_max", "step_rel"):
         value = getattr(cfg, name)
         if value is not None and (not math.isfinite(value) or value < 0):
@@ -189,9 +207,11 @@ def check_config(cfg: Config) -> None:
         raise IAATError("--eps-max must be >= --eps-min")
     if cfg.lr <= 0 or not math.isfinite(cfg.lr):
         raise IAATError(f"--lr must be a finite number > 0, got {cfg.lr}")
-    for name in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_batch", "eval_subset"):
-        if getattr(cfg, name) < (0 if name in ("epochs", "eval_subset") else 1):
-            raise IAATError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_batch", "eval_subset",
+                 "select_steps"):
+        value = getattr(cfg, name)
+        if value is not None and value < (0 if name in ("epochs", "eval_subset") else 1):
+            raise IAATError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if cfg.warmup < 0 or cfg.save_every < 0 or (cfg.n_train is not None and cfg.n_train < 1):
         raise IAATError("--warmup, --save-every and --n-train must not be negative")
     if cfg.line_search and cfg.line_eta <= 0:
@@ -496,21 +516,66 @@ def _random_start(x, eps, random_start: bool):
     return (x + (torch.rand_like(x) * 2 - 1) * eps).clamp_(0, 1)
 
 
-def _input_grad(model, x_adv, y, targeted: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and the ascent direction's gradient, for the input only (no parameter .grad)."""
+FP16_LOSS_SCALE = 2.0 ** 12  # an fp16 input gradient's largest logit gradient, at first
+
+
+def _fp16_autocast(device: torch.device) -> bool:
+    """Is the caller's autocast on, in float16, for this device? (bf16 has fp32's range.)"""
+    return torch.is_autocast_enabled(device.type) and \
+        torch.get_autocast_dtype(device.type) == torch.float16
+
+
+def _couples_samples(model: nn.Module) -> bool:
+    """Does one sample's output depend on the others' (BatchNorm in train mode)?"""
+    return any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase))
+
+
+def _loss_scales(logits: torch.Tensor, y: torch.Tensor, scale: float, per_sample: bool):
+    """(B,) factors that bring the largest |dloss/dlogit| of each sample (or of the batch, if
+    samples are coupled) to `scale`, so that fp16's backward pass neither flushes it to 0
+    nor overflows. Confident samples have gradients far below fp16's 6e-8."""
+    with torch.no_grad():
+        dz = logits.float().softmax(1)
+        dz[torch.arange(len(y), device=y.device), y] -= 1  # d cross-entropy / d logits
+        peak = dz.abs().amax(1) if per_sample else dz.abs().amax().expand(len(y))
+        return scale / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def _input_grad(model, x_adv, y, targeted: bool, scale: float = FP16_LOSS_SCALE):
+    """Logits, the ascent direction's gradient for the input only (no parameter .grad), and
+    the loss scale that worked.
+
+    The attacks run in the caller's precision: under torch.autocast the model computes in
+    bf16 or fp16, while x_adv, the gradient and the projection stay fp32, so the eps bound
+    is exact. In fp16 the backward pass would flush small gradients to 0, and PGD's step
+    sign(0) = 0 would not move the pixel. So each sample's loss is scaled first
+    (_loss_scales): PGD uses only the sign of the gradient, which a positive factor per
+    sample does not change when samples are independent (eval mode); with train-mode
+    BatchNorm one factor scales the whole batch. If the scaled gradient overflows, the
+    backward pass is repeated at scale / 16; the caller keeps the returned scale.
+    """
     with torch.enable_grad():
         x_adv = x_adv.detach().requires_grad_(True)
         logits = model(x_adv)
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        grad, = torch.autograd.grad(-loss if targeted else loss, x_adv)
-    return logits.detach(), grad
+        loss = F.cross_entropy(logits.float(), y, reduction="none")
+        loss = -loss if targeted else loss
+        if not _fp16_autocast(x_adv.device):
+            grad, = torch.autograd.grad(loss.sum(), x_adv)
+            return logits.detach(), grad, scale
+        per_sample = not _couples_samples(model)
+        while True:
+            weights = _loss_scales(logits, y, scale, per_sample)
+            grad, = torch.autograd.grad((loss * weights).sum(), x_adv, retain_graph=scale > 1)
+            if scale <= 1 or bool(torch.isfinite(grad).all()):
+                return logits.detach(), grad, scale
+            scale /= 16
 
 
 def _pgd_run(model, x, y, eps, step, steps: int, random_start: bool, targeted: bool):
     """One PGD run: x_{t+1} = Proj(x_t + step * sign(grad)); returns the last iterate."""
-    x_adv = _random_start(x, eps, random_start)
+    x_adv, scale = _random_start(x, eps, random_start), FP16_LOSS_SCALE
     for _ in range(steps):
-        _, grad = _input_grad(model, x_adv, y, targeted)
+        _, grad, scale = _input_grad(model, x_adv, y, targeted, scale)
         x_adv = _project(x_adv + step * grad.sign(), x, eps)
     return x_adv
 
@@ -569,13 +634,13 @@ def pgd_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps
     step = _steps_for(step_size, eps_b, x)
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     alive = torch.arange(len(x), device=x.device)
-    x_adv = _random_start(x, eps_b, True)
+    x_adv, scale = _random_start(x, eps_b, True), FP16_LOSS_SCALE
     for t in range(steps + 1):
         if t == steps:
             with torch.no_grad():
                 logits = model(x_adv)
         else:
-            logits, grad = _input_grad(model, x_adv, y, False)
+            logits, grad, scale = _input_grad(model, x_adv, y, False, scale)
         hit = logits.argmax(1) != y
         fooled[alive[hit]] = True
         if t == steps or (early_exit and hit.all()):
@@ -644,11 +709,20 @@ def line_search_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
 # Training: paper Algorithm 1 and the PGD-AT / clean baselines
 # ============================================================================================
 
-def step_rule(cfg: Config) -> Step:
+def step_rule(cfg: Config, steps: Optional[int] = None) -> Step:
     """The PGD step: fixed (Table 10), or step_rel * eps_i / k (--step-rel)."""
     if cfg.step_rel is None:
         return cfg.step_size
-    return lambda eps: cfg.step_rel * eps / cfg.attack_steps
+    return lambda eps: cfg.step_rel * eps / (steps or cfg.attack_steps)
+
+
+def selection_attack(cfg: Config) -> dict:
+    """Steps and step of Alg 2's attacks: the training attack's, unless --select-steps and
+    --select-step-size make them weaker (ImageNet: PGD-10 selects, PGD-30 trains)."""
+    steps = cfg.select_steps or cfg.attack_steps
+    if cfg.select_step_size is not None:
+        return {"steps": steps, "step_size": cfg.select_step_size}
+    return {"steps": steps, "step_size": step_rule(cfg, steps)}
 
 
 def choose_epsilon(model, x, y, idx, mem: torch.Tensor, epoch: int, cfg: Config) -> torch.Tensor:
@@ -657,12 +731,10 @@ def choose_epsilon(model, x, y, idx, mem: torch.Tensor, epoch: int, cfg: Config)
         return torch.full_like(mem[idx], cfg.eps_w)
     if cfg.line_search:
         eps = line_search_epsilon(model, x, y, eta=cfg.line_eta, eps_max=cfg.line_max,
-                                  steps=cfg.attack_steps, step_size=step_rule(cfg),
-                                  eps_min=cfg.eps_min)
+                                  eps_min=cfg.eps_min, **selection_attack(cfg))
     else:
         eps = select_epsilon(model, x, y, mem[idx], gamma=cfg.gamma, beta=cfg.beta,
-                             steps=cfg.attack_steps, step_size=step_rule(cfg),
-                             eps_min=cfg.eps_min, eps_max=cfg.eps_max)
+                             eps_min=cfg.eps_min, eps_max=cfg.eps_max, **selection_attack(cfg))
     mem[idx] = eps
     return eps
 
@@ -684,34 +756,65 @@ def training_inputs(model, x, y, eps: torch.Tensor, correct: torch.Tensor, cfg: 
                           step_size=step_rule(cfg))
 
 
-def train_step(model, opt, x, y, idx, mem, epoch: int, cfg: Config, net=None) -> dict:
+def train_step(model, opt, x, y, idx, mem, epoch: int, cfg: Config, net=None,
+               scaler=None) -> dict:
     """One SGD step of IAAT (Alg 1), PGD-AT (eps_w for all, no S-) or clean training.
 
     Attacks and selection use the bare `model`; the training forward and backward go through
     `net`, its DistributedDataParallel wrapper under torchrun (gradients are averaged there).
+    With --amp all of it runs under autocast; fp16 needs the GradScaler `scaler`.
     """
-    if cfg.method == "iaat":
-        correct = clean_correct(model, x, y)
-        eps = choose_epsilon(model, x, y, idx, mem, epoch, cfg)
-        x_in = training_inputs(model, x, y, eps, correct, cfg)
-    elif cfg.method == "at":
-        eps = torch.full_like(mem[idx], cfg.eps_w)
-        with model_mode(model, cfg.attack_bn == "train"):
-            x_in = pgd_attack(model, x, y, eps, steps=cfg.attack_steps, step_size=step_rule(cfg))
-    else:
-        eps, x_in = torch.zeros_like(mem[idx]), x
-    model.train()
-    logits = (net or model)(x_in)
-    loss = F.cross_entropy(logits, y)
+    with autocast(cfg, x.device):
+        if cfg.method == "iaat":
+            correct = clean_correct(model, x, y)
+            eps = choose_epsilon(model, x, y, idx, mem, epoch, cfg)
+            x_in = training_inputs(model, x, y, eps, correct, cfg)
+        elif cfg.method == "at":
+            eps = torch.full_like(mem[idx], cfg.eps_w)
+            with model_mode(model, cfg.attack_bn == "train"):
+                x_in = pgd_attack(model, x, y, eps, steps=cfg.attack_steps,
+                                  step_size=step_rule(cfg))
+        else:
+            eps, x_in = torch.zeros_like(mem[idx]), x
+        model.train()
+        logits = (net or model)(x_in)
+        loss = F.cross_entropy(logits.float(), y)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is not None and scaler.is_enabled():
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
     with torch.no_grad():
         stats = {"loss": loss.detach() * len(y), "train_acc": (logits.argmax(1) == y).sum(),
                  "eps": eps.sum(), "n": torch.tensor(len(y), device=y.device)}
         if cfg.method == "iaat":
             stats["clean_acc"] = correct.sum()
     return stats
+
+
+def autocast(cfg: Config, device: torch.device):
+    """torch.autocast in --amp's dtype (disabled for none). The attacks inside run in it too."""
+    return torch.autocast(device.type, dtype=AMP[cfg.amp], enabled=AMP[cfg.amp] is not None)
+
+
+def fast_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
+    """Apply the speed settings that change no algorithm (DESIGN 7): cuDNN autotuning, the
+    channels_last layout (in place) and torch.compile. Returns the module to call; it shares
+    its weights with `model`, whose state_dict stays the plain one."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    if channels_last(cfg, device):
+        model.to(memory_format=torch.channels_last)
+    # the selection attacks shrink the batch as samples leave, so shapes are dynamic
+    return torch.compile(model, dynamic=True) if cfg.compile else model
+
+
+def channels_last(cfg: Config, device: torch.device) -> bool:
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda"
+                                         and cfg.amp != "none")
 
 
 def make_optimizer(model, cfg: Config):
@@ -805,7 +908,7 @@ def pgd_steps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, 
         for t in range(last + 1):
             alive = ok.nonzero().flatten()
             if len(alive) and t < last:
-                logits, grad = _input_grad(model, x_adv[alive], y[alive], False)
+                logits, grad, _ = _input_grad(model, x_adv[alive], y[alive], False)
                 x_adv[alive] = _project(x_adv[alive] + step[alive] * grad.sign(), x[alive],
                                         eps_b[alive])
             elif len(alive):
@@ -1088,13 +1191,15 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_checkpoint(path: Path, *, cfg, model, opt, sched, mem, visits, epoch, step, totals,
-                    gen) -> None:
-    """Everything needed to resume exactly: weights, optimiser, schedule, eps memory, RNGs."""
+                    gen, scaler=None) -> None:
+    """Everything needed to resume exactly: weights, optimiser, schedule, eps memory, RNGs,
+    and the fp16 GradScaler's scale."""
     ckpt = {"format": 1, "config": config_dict(cfg), "device": mem.device.type,
             "epoch": epoch, "step": step,
             "totals": {k: float(v) for k, v in totals.items()}, "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "eps_memory": mem.cpu(), "eps_visits": visits.cpu(), "rng": rng_state(gen, mem.device)}
+            "eps_memory": mem.cpu(), "eps_visits": visits.cpu(), "rng": rng_state(gen, mem.device),
+            "scaler": scaler.state_dict() if scaler is not None else {}}
     atomic_write(path, lambda p: torch.save(ckpt, p))
 
 
@@ -1125,12 +1230,17 @@ def load_checkpoint(path: Path, cfg: Config) -> dict:
     except IAATError as err:
         raise IAATError(f"{err}; move the run folder away to start afresh") from None
     mine, theirs = config_dict(cfg), ckpt["config"]
-    diff = [k for k in mine if k not in RUNTIME_FIELDS and mine[k] != theirs.get(k)]
+    diff = [k for k in mine if k not in RUNTIME_FIELDS and mine[k] != saved_setting(theirs, k)]
     if diff:
         k = diff[0]
         raise IAATError(f"checkpoint {path} was written with {k}={theirs.get(k)!r}, this run has "
                         f"{k}={mine[k]!r}; rerun with the same settings or choose another --out")
     return ckpt
+
+
+def saved_setting(saved: dict, name: str):
+    """A setting from a saved config; one saved before the setting existed has its default."""
+    return saved.get(name, Config.__dataclass_fields__[name].default)
 
 
 def config_dict(cfg: Config) -> dict:
@@ -1267,14 +1377,18 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
                         f"shared by {d.world} processes; choose another --batch-size")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.num_classes, data.mean, data.std).to(device)
-    net = model if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
+    fast = fast_model(model, cfg, device)
+    net = fast if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = torch.compile(net) if cfg.compile and d.world > 1 else net
     opt, sched = make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    layout = torch.channels_last if channels_last(cfg, device) else torch.contiguous_format
     mem = torch.full((n,), cfg.eps_init if cfg.eps_init is not None else cfg.eps_w, device=device)
     visits = torch.zeros(n, dtype=torch.int32, device=device)  # Alg 2 updates of each sample
     epoch, step, totals, history = 0, 0, {}, np.zeros((0, n), np.float32)
     if ckpt is not None:
-        epoch, step, totals = restore(ckpt, ckpt_path, model, opt, sched, mem, visits)
+        epoch, step, totals = restore(ckpt, ckpt_path, model, opt, sched, mem, visits, scaler)
         if hist_path.exists() and d.main:
             history = np.load(hist_path)[:epoch]
         log(f"resuming {out} at epoch {epoch} step {step}")
@@ -1300,7 +1414,8 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     def save(epoch, step, totals, gen):
         if d.main:
             save_checkpoint(ckpt_path, cfg=cfg, model=model, opt=opt, sched=sched, mem=mem,
-                            visits=visits, epoch=epoch, step=step, totals=totals, gen=gen)
+                            visits=visits, epoch=epoch, step=step, totals=totals, gen=gen,
+                            scaler=scaler)
     try:
         while epoch < cfg.epochs:
             t0 = time.time() - totals.get("time", 0.0)
@@ -1314,7 +1429,9 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
                 chunk = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]  # global batch
                 idx = shard(chunk, d)
                 x, y = augment(data.train_x[idx], data.augment, gen), data.train_y[idx]
-                for k, v in train_step(model, opt, x, y, idx, mem, epoch, cfg, net).items():
+                x = x.contiguous(memory_format=layout)
+                for k, v in train_step(fast, opt, x, y, idx, mem, epoch, cfg, net,
+                                       scaler).items():
                     sums[k] = sums.get(k, 0) + v
                 if cfg.method == "iaat" and epoch >= cfg.warmup:
                     sync_memory(mem, visits, idx, math.ceil(len(chunk) / d.world), d)
@@ -1369,7 +1486,7 @@ def train_or_load(cfg: Config, log: Optional[Callable[[str], None]] = None,
         mine, theirs = config_dict(cfg), json.loads(config.read_text())
         done = json.loads(summary.read_text())
         if done.get("epochs") == cfg.epochs and all(
-                mine[k] == theirs.get(k) for k in mine if k not in RUNTIME_FIELDS):
+                mine[k] == saved_setting(theirs, k) for k in mine if k not in RUNTIME_FIELDS):
             return done
     if not train_missing:
         raise IAATError(f"no finished run with these settings in {out}; train it first")
@@ -1408,16 +1525,20 @@ def _check_fresh(out: Path) -> None:
                         "or choose another --out")
 
 
-def restore(ckpt: dict, path: Path, model, opt, sched, mem, visits) -> tuple:
-    """Load a checked checkpoint into the run's objects; returns (epoch, step, totals)."""
+def restore(ckpt: dict, path: Path, model, opt, sched, mem, visits, scaler=None,
+            data_state: bool = True) -> tuple:
+    """Load a checked checkpoint into the run's objects; returns (epoch, step, totals).
+    `data_state`: a mid-epoch checkpoint must hold the data generator's state."""
     try:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         if ckpt["eps_memory"].shape != mem.shape:
             raise ValueError(f"eps memory of {len(ckpt['eps_memory'])} samples, data has "
                              f"{len(mem)}")
-        if ckpt["step"] and "data" not in ckpt["rng"]:
+        if ckpt["step"] and data_state and "data" not in ckpt["rng"]:
             raise KeyError("the mid-epoch data generator state is missing")
         mem.copy_(ckpt["eps_memory"])
         visits.copy_(ckpt["eps_visits"])
@@ -1977,7 +2098,8 @@ def build_parser() -> argparse.ArgumentParser:
             kind = int if f.type in ("int", "Optional[int]") else \
                 float if "float" in f.type else str
             choices = {"dataset": DATASETS, "model": MODELS, "method": METHODS,
-                       "attack_bn": ("train", "eval"),
+                       "attack_bn": ("train", "eval"), "amp": tuple(AMP),
+                       "channels_last": ("auto", "on", "off"),
                        "device": ("auto", "cpu", "cuda")}.get(f.name)
             p.add_argument(*names, type=kind, default=None, choices=choices, help=help)
     return p

@@ -1,0 +1,228 @@
+"""imagenet/train.py on a tiny ImageFolder of real JPEG files: a 2-process gloo torchrun run
+with autocast bf16 on CPU, SIGTERM and resume, the LR schedule, ImageNet-C mCE, bad input."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+
+SCRIPT = ROOT / "imagenet" / "train.py"
+CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 8, 4
+TINY = ["--arch", "resnet18", "--batch-size", "4", "--image-size", "32", "--resize", "36",
+        "--device", "cpu", "--workers", "1", "--eval-steps", "3", "--eval-eps", "4", "8",
+        "--print-every", "1", "--lr-warmup", "1", "--epochs", "2", "--warmup", "1"]
+
+
+def load_script():
+    """imagenet/train.py as a module (it is a script, not a package)."""
+    if "imagenet_train" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("imagenet_train", SCRIPT)
+        sys.modules["imagenet_train"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["imagenet_train"])
+    return sys.modules["imagenet_train"]
+
+
+def write_jpegs(folder, n, label, size=40, seed=0):
+    """n JPEG files of class `label`: a class colour plus noise, so the classes are learnable."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed * 1000 + label)
+    colour = np.array([[255, 40, 40], [40, 255, 40], [40, 40, 255]])[label % 3]
+    for i in range(n):
+        pixels = np.clip(colour * 0.7 + rng.normal(0, 40, (size, size, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f"img_{i}.JPEG", quality=90)
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    for c in range(CLASSES):
+        write_jpegs(root / "train" / f"n0000000{c}", TRAIN_PER_CLASS, c, seed=0)
+        write_jpegs(root / "val" / f"n0000000{c}", VAL_PER_CLASS, c, seed=1)
+    return root
+
+
+def run(*args, torchrun=False, wait=True, timeout=600):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"] if torchrun else [sys.executable]
+    cmd = [*launcher, str(SCRIPT), *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def two(imagenet, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "run"
+    r = run("--data", imagenet, *TINY, "--amp", "bf16", "--out", out, torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_two_process_bf16_run_writes_checkpoint_metrics_and_evaluation(two):
+    out, r = two
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (2, 0)
+    assert ckpt["config"]["amp"] == "bf16" and ckpt["config"]["arch"] == "resnet18"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    # 24 images, 2 processes x 4: every image trained on once per epoch
+    assert all(row["images"] == CLASSES * TRAIN_PER_CLASS for row in rows)
+    assert all(row["images_per_second"] > 0 for row in rows)
+    result = json.loads((out / "eval.json").read_text())
+    assert result["images"] == CLASSES * VAL_PER_CLASS
+    assert set(result["targeted_pgd"]) == {"4", "8"}
+    assert all(0 <= v <= result["natural_top1"] for v in result["targeted_pgd"].values())
+
+
+def test_eps_memory_is_one_memory_selected_once_per_image(two):
+    out, _ = two
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    mem, visits = ckpt["eps_memory"], ckpt["eps_visits"]
+    assert len(mem) == CLASSES * TRAIN_PER_CLASS
+    assert (visits == 1).all()  # epoch 2 ran Alg 2 once per image, over both processes
+    # Alg 2 from 16/255 by gamma 4/255 with beta 0.1: 16 +- 0.4, never below eps_min 4
+    assert torch.allclose(mem * 255, torch.tensor(16.0), atol=0.41)
+    assert (mem * 255 >= 4 - 1e-4).all() and not torch.allclose(mem * 255, torch.tensor(16.0))
+    history = np.load(out / "eps_history.npy")
+    assert history.shape == (2, len(mem))
+    np.testing.assert_allclose(history[1], mem.numpy(), atol=1e-2)
+
+
+def test_rank_zero_alone_logs_with_images_per_second(two):
+    _, r = two
+    lines = r.stdout.splitlines()
+    assert sum(line.startswith("epoch 1 step 1/3 ") for line in lines) == 1
+    assert sum("evaluation:" in line for line in lines) == 1
+    assert any("img/s" in line for line in lines)
+    assert "2 processes x 4" in r.stdout
+
+
+def test_sigterm_saves_and_the_same_command_resumes(imagenet, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", imagenet, *TINY, "--amp", "fp16", "--save-every", "1", "--epochs", "3",
+            "--out", out]
+    proc = run(*args, wait=False)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "SIGTERM: checkpoint saved" in stdout and "Traceback" not in stderr
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    saved = (ckpt["epoch"], ckpt["step"])
+    assert saved < (3, 0), "the signal came too late to test anything"
+    assert ckpt["scaler"]["scale"] > 0  # the fp16 GradScaler travels with the checkpoint
+    r = run(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming {out} at epoch {saved[0]} step {saved[1]}" in r.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 3
+
+
+def test_learning_rate_warms_up_then_steps_down():
+    m = load_script()
+    c = m.ImageNetConfig(data="x", lr_warmup=5, lr_milestones=(35, 70, 95))
+    f = m.lr_factor(c, steps_per_epoch=10)
+    assert f(0) == pytest.approx(1 / 50) and f(24) == pytest.approx(0.5)
+    assert f(49) == f(100) == 1.0
+    assert f(349) == 1.0 and f(350) == pytest.approx(0.1) and f(700) == pytest.approx(0.01)
+    assert f(950) == pytest.approx(0.001)
+    assert m.peak_lr(c, world=64) == pytest.approx(0.1 * 32 * 64 / 256)  # Table 11: 0.8
+
+
+def test_table_11_is_the_default_recipe():
+    m = load_script()
+    c = m.config_from_args(["--data", "x"])
+    cfg = m.algorithm_config(c, world=64)
+    assert (cfg.eps_w * 255, cfg.gamma * 255, cfg.beta, cfg.warmup) == pytest.approx((16, 4, 0.1, 30))
+    assert (cfg.attack_steps, cfg.step_size * 255, cfg.eps_min * 255) == pytest.approx((30, 1, 4))
+    assert cfg.select_steps == 10 and cfg.amp == "fp16"
+    assert (c.epochs, c.lr_milestones, c.weight_decay, c.batch_size) == (110, (35, 70, 95), 1e-4, 32)
+    assert c.eval_steps == 1000 and [e * 255 for e in c.eval_eps] == pytest.approx([4, 8, 12, 16])
+
+
+def test_selection_uses_the_weaker_attack(monkeypatch):
+    """Alg 2 runs PGD-10 (step 2/255) while the training attack is PGD-30 (step 1/255)."""
+    import iaat
+    m = load_script()
+    cfg = m.algorithm_config(m.config_from_args(["--data", "x"]), world=1)
+    seen = []
+    real = iaat.pgd_fooled
+    monkeypatch.setattr(iaat, "pgd_fooled", lambda *a, **k: seen.append(
+        (k["steps"], k["step_size"])) or real(*a, **k))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    x, y = torch.rand(8, 3, 2, 2), torch.randint(0, 3, (8,))
+    mem = torch.full((8,), cfg.eps_w)
+    iaat.choose_epsilon(model, x, y, torch.arange(8), mem, epoch=cfg.warmup, cfg=cfg)
+    assert seen and all(s == 10 and step == pytest.approx(2 / 255) for s, step in seen)
+    assert (mem >= 4 / 255 - 1e-7).all()
+
+
+@pytest.fixture(scope="module")
+def imagenet_c(tmp_path_factory):
+    """ImageNet-C's layout (<corruption>/<severity>/<class>/), 2 JPEGs per class; every other
+    corruption holds each class's images under the next class's label."""
+    import iaat
+    root = tmp_path_factory.mktemp("imagenet-c")
+    swapped = list(iaat.ALEXNET_ERR)[::2]
+    for name in iaat.ALEXNET_ERR:
+        for severity in range(1, 6):
+            for c in range(CLASSES):
+                shown = (c + 1) % CLASSES if name in swapped else c
+                write_jpegs(root / name / str(severity) / f"n0000000{c}", 2, shown, size=32,
+                            seed=severity)
+    return root, swapped
+
+
+def test_mce_of_a_colour_classifier_is_exact(imagenet_c):
+    """A model that names an image's strongest colour channel is right on every unswapped
+    image and wrong on every swapped one: CE_c is 1 / AlexNet's error or 0."""
+    import iaat
+    root, swapped = imagenet_c
+    m = load_script()
+    c = m.ImageNetConfig(data="x", imagenet_c=str(root), image_size=32, workers=0)
+    colour = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    mce, ce = m.corruption_errors(c, colour, torch.device("cpu"))
+    want = {name: (1.0 if name in swapped else 0.0) / iaat.ALEXNET_ERR[name]
+            for name in iaat.ALEXNET_ERR}
+    assert ce == pytest.approx(want)
+    assert mce == pytest.approx(np.mean(list(want.values())))
+
+
+def test_evaluate_only_adds_the_mce_column(two, imagenet, imagenet_c):
+    import iaat
+    out, _ = two
+    r = run("--data", imagenet, "--out", out, "--evaluate-only", "--imagenet-c", imagenet_c[0],
+            "--image-size", "32", "--resize", "36", "--eval-steps", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((out / "eval.json").read_text())
+    assert set(result["ce"]) == set(iaat.ALEXNET_ERR)
+    assert result["mce"] == pytest.approx(np.mean(list(result["ce"].values())))
+    assert result["epoch"] == 2 and result["pgd_steps"] == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/nonexistent"], "not found"),
+    (["--data", "x", "--arch", "vgg16"], "invalid choice"),
+    (["--data", "x", "--batch-size", "0"], "--batch-size must be positive"),
+    (["--arch", "resnet18"], "--data is required"),
+])
+def test_bad_input_is_one_line(args, message):
+    r = run(*args, "--device", "cpu")
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
