@@ -226,3 +226,16 @@ def test_bad_input_is_one_line(args, message):
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_throughput_benchmark_reports_each_precision(tmp_path):
+    path = tmp_path / "throughput.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "imagenet_throughput.py"),
+                        "--quick", "--json", str(path)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(path.read_text())
+    assert set(result["images_per_second"]) == {"fp16", "none"}
+    assert all(v > 0 for v in result["images_per_second"].values())
+    assert result["fp16_speedup_over_fp32"] > 0 and "--quick" in result["command"]
+    assert "| fp16 |" in r.stdout and "| fp32 |" in r.stdout
