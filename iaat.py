@@ -14,6 +14,8 @@ Run it (every flag has --help with its unit and paper source):
     python iaat.py --dataset cifar100 --model wrn32-10
     torchrun --standalone --nproc_per_node=8 iaat.py --dataset cifar10   # DDP, one eps memory
     python iaat.py eval runs/digits-smallcnn-iaat-seed0   # paper Sec 4 protocol + AutoAttack
+    python iaat.py --dataset cifar10 --amp bf16 --compile # bf16 autocast, compiled (DESIGN 7)
+    torchrun --nproc_per_node=8 imagenet/train.py --data DIR   # ImageNet, Table 11 (its README)
 
 Measured (README; digits preset, seeds 0-2, 2-core CPU, 30 epochs, PGD-20 at 51/255):
 IAAT natural 0.984 +- 0.000, PGD 0.563 +- 0.020; PGD-AT natural 0.968 +- 0.002, PGD 0.557 +-
