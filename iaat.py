@@ -506,9 +506,15 @@ def _take(v, idx: torch.Tensor):
     return v.to(idx.device)[idx] if torch.is_tensor(v) and v.dim() > 0 else v
 
 
-def _project(x_adv, x, eps):
-    """Project onto the L-inf ball of radius eps around x, intersected with [0,1]."""
-    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+def _box(x, eps) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bounds of the L-inf ball of radius eps around x, intersected with [0,1]: computed
+    once per attack, so that each step's projection is one clamp."""
+    return (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)
+
+
+def _project(x_adv, lo, hi):
+    """Project onto the box [lo, hi] of _box: the eps-ball around x within [0,1]."""
+    return torch.clamp(x_adv, lo, hi)
 
 
 def _random_start(x, eps, random_start: bool):
@@ -559,10 +565,11 @@ def _input_grad(model, x_adv, y, targeted: bool, scale: float = FP16_LOSS_SCALE)
     with torch.enable_grad():
         x_adv = x_adv.detach().requires_grad_(True)
         logits = model(x_adv)
-        loss = F.cross_entropy(logits.float(), y, reduction="none")
+        fp16 = _fp16_autocast(x_adv.device)
+        loss = F.cross_entropy(logits.float(), y, reduction="none" if fp16 else "sum")
         loss = -loss if targeted else loss
-        if not _fp16_autocast(x_adv.device):
-            grad, = torch.autograd.grad(loss.sum(), x_adv)
+        if not fp16:
+            grad, = torch.autograd.grad(loss, x_adv)
             return logits.detach(), grad, scale
         per_sample = not _couples_samples(model)
         while True:
@@ -575,10 +582,10 @@ def _input_grad(model, x_adv, y, targeted: bool, scale: float = FP16_LOSS_SCALE)
 
 def _pgd_run(model, x, y, eps, step, steps: int, random_start: bool, targeted: bool):
     """One PGD run: x_{t+1} = Proj(x_t + step * sign(grad)); returns the last iterate."""
-    x_adv, scale = _random_start(x, eps, random_start), FP16_LOSS_SCALE
+    x_adv, scale, (lo, hi) = _random_start(x, eps, random_start), FP16_LOSS_SCALE, _box(x, eps)
     for _ in range(steps):
         _, grad, scale = _input_grad(model, x_adv, y, targeted, scale)
-        x_adv = _project(x_adv + step * grad.sign(), x, eps)
+        x_adv = _project(x_adv + step * grad.sign(), lo, hi)
     return x_adv
 
 
@@ -635,8 +642,8 @@ def pgd_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps
     eps_b = _per_sample(eps, x)
     step = _steps_for(step_size, eps_b, x)
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    alive = torch.arange(len(x), device=x.device)
-    x_adv, scale = _random_start(x, eps_b, True), FP16_LOSS_SCALE
+    alive = torch.arange(len(x), device=x.device)  # the samples still attacked
+    x_adv, scale, (lo, hi) = _random_start(x, eps_b, True), FP16_LOSS_SCALE, _box(x, eps_b)
     for t in range(steps + 1):
         if t == steps:
             with torch.no_grad():
@@ -644,13 +651,17 @@ def pgd_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps
         else:
             logits, grad, scale = _input_grad(model, x_adv, y, False, scale)
         hit = logits.argmax(1) != y
-        fooled[alive[hit]] = True
-        if t == steps or (early_exit and hit.all()):
+        fooled[alive] = fooled[alive] | hit
+        if t == steps:
             break
-        x_adv = _project(x_adv + step * grad.sign(), x, eps_b)
-        if early_exit and hit.any():
-            keep = ~hit
-            alive, x_adv, x, y, eps_b, step = (v[keep] for v in (alive, x_adv, x, y, eps_b, step))
+        x_adv = _project(x_adv + step * grad.sign(), lo, hi)
+        if early_exit:  # one host sync per step: how many samples stay
+            keep = (~hit).nonzero().squeeze(1)
+            if len(keep) == 0:
+                break
+            if len(keep) < len(alive):
+                alive, x_adv, y, lo, hi, step = (v.index_select(0, keep)
+                                                 for v in (alive, x_adv, y, lo, hi, step))
     return fooled
 
 
@@ -907,12 +918,13 @@ def pgd_steps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, 
         # random starts for the clean-correct samples only, drawn like attack_correct's
         x_adv, start = x.clone(), ok.nonzero().flatten()
         x_adv[start] = _random_start(x[start], eps_b[start], True)
+        lo, hi = _box(x, eps_b)
         for t in range(last + 1):
             alive = ok.nonzero().flatten()
             if len(alive) and t < last:
                 logits, grad, _ = _input_grad(model, x_adv[alive], y[alive], False)
-                x_adv[alive] = _project(x_adv[alive] + step[alive] * grad.sign(), x[alive],
-                                        eps_b[alive])
+                x_adv[alive] = _project(x_adv[alive] + step[alive] * grad.sign(), lo[alive],
+                                        hi[alive])
             elif len(alive):
                 with torch.no_grad():
                     logits = model(x_adv[alive])
@@ -980,7 +992,7 @@ def library_correct(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     (a no-op for the L-inf attacks; it bounds DeepFool's minimal L2 perturbation)."""
     with model_mode(model, False):
         x_adv = attack(x, y).detach()
-        x_adv = _project(torch.where(torch.isfinite(x_adv), x_adv, x), x, eps)
+        x_adv = _project(torch.where(torch.isfinite(x_adv), x_adv, x), *_box(x, eps))
         with torch.no_grad():
             return model(x_adv).argmax(1) == y
 
