@@ -792,6 +792,17 @@ def train_step(model, opt, x, y, idx, mem, epoch: int, cfg: Config, net=None,
         model.train()
         logits = (net or model)(x_in)
         loss = F.cross_entropy(logits.float(), y)
+    optimizer_step(opt, loss, scaler)
+    with torch.no_grad():
+        stats = {"loss": loss.detach() * len(y), "train_acc": (logits.argmax(1) == y).sum(),
+                 "eps": eps.sum(), "n": torch.tensor(len(y), device=y.device)}
+        if cfg.method == "iaat":
+            stats["clean_acc"] = correct.sum()
+    return stats
+
+
+def optimizer_step(opt, loss: torch.Tensor, scaler=None) -> None:
+    """Backward and SGD step; through the fp16 GradScaler when one is enabled."""
     opt.zero_grad(set_to_none=True)
     if scaler is not None and scaler.is_enabled():
         scaler.scale(loss).backward()
@@ -800,12 +811,6 @@ def train_step(model, opt, x, y, idx, mem, epoch: int, cfg: Config, net=None,
     else:
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        stats = {"loss": loss.detach() * len(y), "train_acc": (logits.argmax(1) == y).sum(),
-                 "eps": eps.sum(), "n": torch.tensor(len(y), device=y.device)}
-        if cfg.method == "iaat":
-            stats["clean_acc"] = correct.sum()
-    return stats
 
 
 def autocast(cfg: Config, device: torch.device):

@@ -305,14 +305,7 @@ def official_style_step(model, opt, x, y, idx, mem, cfg: iaat.Config, scaler=Non
         model.zero_grad(set_to_none=True)  # the attacks' parameter gradients are discarded
         logits = model(x_adv)
         loss = F.cross_entropy(logits.float(), y)
-    opt.zero_grad(set_to_none=True)
-    if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
+    iaat.optimizer_step(opt, loss, scaler)
     return {"loss": loss.detach(), "eps": eps.detach()}
 
 
