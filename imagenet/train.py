@@ -197,10 +197,12 @@ def loader(dataset, sampler, c: ImageNetConfig, device, drop_last: bool):
         persistent_workers=c.workers > 0)
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    """A torchvision ResNet behind iaat.Normalize, so the model takes images in [0,1]."""
+def build_model(arch: str, num_classes: int, sync_bn: bool = False) -> nn.Module:
+    """A torchvision ResNet behind iaat.Normalize, so the model takes images in [0,1];
+    with `sync_bn`, its BatchNorms compute statistics over all processes' batches."""
     net = getattr(torchvision.models, arch)(num_classes=num_classes)
-    return nn.Sequential(iaat.Normalize(MEAN, STD), net)
+    model = nn.Sequential(iaat.Normalize(MEAN, STD), net)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync_bn else model
 
 
 # ============================================================================================
@@ -220,6 +222,8 @@ def train(c: ImageNetConfig, log=print) -> Path:
     d = iaat.current_dist()
     log = log if d.main else (lambda msg: None)
     device = iaat.pick_device(c.device, d.local_rank)
+    if c.sync_bn and d.world > 1 and device.type != "cuda":
+        raise IAATError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU")
     out = run_folder(c)
     ckpt_path = out / "checkpoint.pt"
     ckpt = read(ckpt_path, c) if ckpt_path.exists() else None
@@ -230,9 +234,7 @@ def train(c: ImageNetConfig, log=print) -> Path:
                         f"on each of {d.world} processes")
     cfg = algorithm_config(c, d.world)
     torch.manual_seed(c.seed)
-    model = build_model(c.arch, len(data.classes)).to(device)
-    if c.sync_bn and d.world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = build_model(c.arch, len(data.classes), c.sync_bn and d.world > 1).to(device)
     fast = iaat.fast_model(model, cfg, device)
     net = fast if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -239,3 +239,20 @@ def test_throughput_benchmark_reports_each_precision(tmp_path):
     assert all(v > 0 for v in result["images_per_second"].values())
     assert result["fp16_speedup_over_fp32"] > 0 and "--quick" in result["command"]
     assert "| fp16 |" in r.stdout and "| fp32 |" in r.stdout
+
+
+def test_sync_bn_converts_every_batchnorm():
+    m = load_script()
+    model = m.build_model("resnet18", 3, sync_bn=True)
+    norms = [k for k in model.modules() if isinstance(k, torch.nn.modules.batchnorm._NormBase)]
+    assert norms and all(isinstance(k, torch.nn.SyncBatchNorm) for k in norms)
+    assert not any(isinstance(k, torch.nn.SyncBatchNorm) for k in m.build_model("resnet18", 3).modules())
+
+
+def test_sync_bn_on_cpu_processes_is_a_one_line_error(imagenet, tmp_path):
+    r = run("--data", imagenet, *TINY, "--sync-bn", "--out", tmp_path / "run", torchrun=True)
+    assert r.returncode != 0
+    # each process's own error is one line (torchrun then adds its failure summary)
+    assert "imagenet/train.py: error: --sync-bn needs GPUs" in r.stderr
+    assert "ValueError" not in r.stderr
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
