@@ -534,19 +534,41 @@ def _fp16_autocast(device: torch.device) -> bool:
 
 
 def _couples_samples(model: nn.Module) -> bool:
-    """Does one sample's output depend on the others' (BatchNorm in train mode)?"""
-    return any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase))
+    """Does one sample's output depend on the others' (BatchNorm using batch statistics)?"""
+    return any(m.training or not m.track_running_stats for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
-def _loss_scales(logits: torch.Tensor, y: torch.Tensor, scale: float, per_sample: bool):
-    """(B,) factors that bring the largest |dloss/dlogit| of each sample (or of the batch, if
-    samples are coupled) to `scale`, so that fp16's backward pass neither flushes it to 0
-    nor overflows. Confident samples have gradients far below fp16's 6e-8."""
+def _syncs_processes(model: nn.Module) -> bool:
+    """Does a train-mode SyncBatchNorm couple this process's batch with the others'?"""
+    return any(isinstance(m, nn.SyncBatchNorm) and m.training for m in model.modules()) and \
+        current_dist().world > 1
+
+
+def _scaled_logit_grad(logits, y, targeted: bool, scale: float, per_sample: bool, synced: bool):
+    """d(cross-entropy)/d(logits), computed in float64 and divided by its largest entry per
+    sample (or per batch, if samples are coupled; per global batch under SyncBatchNorm), then
+    times `scale`: every sample's largest logit gradient becomes `scale`, however confident
+    it is (a margin of 40 gives e^-40, far below fp16's 6e-8 and near fp32's limit)."""
     with torch.no_grad():
-        dz = logits.float().softmax(1)
-        dz[torch.arange(len(y), device=y.device), y] -= 1  # d cross-entropy / d logits
-        peak = dz.abs().amax(1) if per_sample else dz.abs().amax().expand(len(y))
-        return scale / torch.where(peak > 0, peak, torch.ones_like(peak))
+        p = logits.double().softmax(1)
+        rest = p.sum(1, keepdim=True) - p.gather(1, y[:, None])  # 1 - p_y, without cancelling
+        dz = p.scatter(1, y[:, None], -rest) * (-1 if targeted else 1)
+        peak = dz.abs().amax(1, keepdim=True) if per_sample else dz.abs().amax().view(1, 1)
+        if synced:
+            peak = peak.float()
+            torch.distributed.all_reduce(peak, torch.distributed.ReduceOp.MAX)
+            peak = peak.double()
+        g = torch.where(peak > 0, dz / peak.clamp(min=1e-300), torch.zeros_like(dz)) * scale
+        return g.to(logits.dtype)
+
+
+def _all_finite(grad: torch.Tensor, synced: bool) -> bool:
+    """Is the gradient finite (on every process, when SyncBatchNorm makes them retry together)?"""
+    ok = torch.isfinite(grad).all().float().view(1)
+    if synced:
+        torch.distributed.all_reduce(ok, torch.distributed.ReduceOp.MIN)
+    return bool(ok)
 
 
 def _input_grad(model, x_adv, y, targeted: bool, scale: float = FP16_LOSS_SCALE):
@@ -556,26 +578,26 @@ def _input_grad(model, x_adv, y, targeted: bool, scale: float = FP16_LOSS_SCALE)
     The attacks run in the caller's precision: under torch.autocast the model computes in
     bf16 or fp16, while x_adv, the gradient and the projection stay fp32, so the eps bound
     is exact. In fp16 the backward pass would flush small gradients to 0, and PGD's step
-    sign(0) = 0 would not move the pixel. So each sample's loss is scaled first
-    (_loss_scales): PGD uses only the sign of the gradient, which a positive factor per
-    sample does not change when samples are independent (eval mode); with train-mode
-    BatchNorm one factor scales the whole batch. If the scaled gradient overflows, the
-    backward pass is repeated at scale / 16; the caller keeps the returned scale.
+    sign(0) = 0 would not move the pixel. So the backward pass starts from the logit
+    gradient of each sample scaled to a largest entry of `scale` (_scaled_logit_grad): PGD
+    uses only the sign of the input gradient, which a positive factor per sample does not
+    change when samples are independent (eval mode); when train-mode BatchNorm couples them,
+    one factor scales the whole batch. If the result overflows, the backward pass is repeated
+    at scale / 16; the caller keeps the returned scale for its next step.
     """
     with torch.enable_grad():
         x_adv = x_adv.detach().requires_grad_(True)
         logits = model(x_adv)
-        fp16 = _fp16_autocast(x_adv.device)
-        loss = F.cross_entropy(logits.float(), y, reduction="none" if fp16 else "sum")
-        loss = -loss if targeted else loss
-        if not fp16:
-            grad, = torch.autograd.grad(loss, x_adv)
+        if not _fp16_autocast(x_adv.device):
+            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            grad, = torch.autograd.grad(-loss if targeted else loss, x_adv)
             return logits.detach(), grad, scale
-        per_sample = not _couples_samples(model)
+        coupled = _couples_samples(model)
+        synced = coupled and _syncs_processes(model)
         while True:
-            weights = _loss_scales(logits, y, scale, per_sample)
-            grad, = torch.autograd.grad((loss * weights).sum(), x_adv, retain_graph=scale > 1)
-            if scale <= 1 or bool(torch.isfinite(grad).all()):
+            g = _scaled_logit_grad(logits, y, targeted, scale, not coupled, synced)
+            grad, = torch.autograd.grad(logits, x_adv, grad_outputs=g, retain_graph=scale > 1)
+            if scale <= 1 or _all_finite(grad, synced):
                 return logits.detach(), grad, scale
             scale /= 16
 

@@ -1,6 +1,7 @@
 """The speed techniques of DESIGN section 7 are exact where they claim to be: the selection's
 subset and early exit give plain Algorithm 2's eps, mixed-precision attacks keep the eps bound,
 fp16 loss scaling keeps every gradient sign fp32 has, and the speed flags train and resume."""
+import copy
 import json
 
 import pytest
@@ -25,7 +26,7 @@ def unscaled_fp16_grad(model, x, y):
         return torch.autograd.grad(loss, x)[0]
 
 
-def spread_problem():
+def spread_problem(top=40.0):
     """A linear model and a batch whose margins run from about 0 (a gradient near 1) to 40
     (near e^-40, far below fp16's smallest 6e-8). Every term of every input gradient has the
     same sign, so fp16 cannot cancel a sum to 0: a 0 there is underflow and nothing else."""
@@ -35,7 +36,7 @@ def spread_problem():
     with torch.no_grad():
         model[1].weight.copy_(torch.rand(10, d, generator=g) * 0.4)
         model[1].weight[0] = -torch.rand(d, generator=g) * 0.4
-        model[1].bias.copy_(torch.tensor([40.0] + [0.0] * 9))
+        model[1].bias.copy_(torch.tensor([top] + [0.0] * 9))
     x = torch.rand(64, 3, 8, 8, generator=g) * torch.linspace(0, 1, 64)[:, None, None, None]
     return model, x, torch.zeros(64, dtype=torch.long)
 
@@ -55,7 +56,40 @@ def test_fp16_loss_scaling_keeps_every_sign_fp32_has(monkeypatch):
     assert (batch_scaled == 0).sum() > 1000
 
 
+@pytest.mark.parametrize("top", [90.0, 100.0])
+def test_fp16_scaling_survives_margins_near_fp32s_limit(top):
+    """Margins of 50-100 give logit gradients of e^-50..e^-100, below fp32's normal range:
+    the scaling (in float64) neither overflows to inf nor lowers the scale for the batch."""
+    model, x, y = spread_problem(top)
+    ref, _ = input_grad(model, x, y, None, 1.0)
+    scaled, used = input_grad(model, x, y, torch.float16, iaat.FP16_LOSS_SCALE)
+    assert torch.isfinite(scaled).all() and used == iaat.FP16_LOSS_SCALE
+    moves = ref != 0  # fp32 itself loses the most confident samples here
+    assert moves.float().mean() > 0.5
+    assert torch.equal(scaled.sign()[moves], ref.sign()[moves])
+    assert (scaled != 0).all()  # and fp16 keeps even those
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_fp16_targeted_and_untargeted_signs_match_fp32(targeted):
+    model, x, y = spread_problem()
+    target = (y + 1) % 10
+    labels = target if targeted else y
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, grad, _ = iaat._input_grad(model, x, labels, targeted)
+    _, ref, _ = iaat._input_grad(model, x, labels, targeted)
+    moves = ref != 0
+    assert moves.float().mean() > 0.9
+    assert not (grad == 0)[moves].any()
+    # the targeted gradient sums terms of both signs, so fp16 rounding may flip a stray pixel
+    assert (grad.sign() == ref.sign())[moves].float().mean() > 0.999
+
+
 def test_fp16_loss_scaling_on_a_confident_conv_net():
+    """On a conv net whose samples all have margins near 20, unscaled fp16 moves no pixel;
+    scaled, it moves every pixel fp32 moves, in the direction of the exact (float64)
+    gradient. fp32's own cross-entropy rounds 1 - p_y to 0 at such margins and drops the
+    true class's term; the fp16 path computes it in float64, so it is the closer of the two."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                           nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
@@ -64,13 +98,16 @@ def test_fp16_loss_scaling_on_a_confident_conv_net():
         model[-1].bias[0] += 20  # every sample is class 0 with a margin of about 20
     x = torch.rand(64, 3, 8, 8)
     y = torch.zeros(64, dtype=torch.long)
-    ref, _ = input_grad(model, x, y, None, 1.0)
+    exact_x = x.double().requires_grad_(True)
+    exact_loss = F.cross_entropy(copy.deepcopy(model).double()(exact_x), y, reduction="sum")
+    exact, = torch.autograd.grad(exact_loss, exact_x)
+    fp32, _ = input_grad(model, x, y, None, 1.0)
     scaled, _ = input_grad(model, x, y, torch.float16, iaat.FP16_LOSS_SCALE)
-    assert (ref != 0).all()
+    assert (fp32 != 0).all()
     assert (unscaled_fp16_grad(model, x, y) == 0).all()  # fp16 alone: no pixel would move
     # fp16's own rounding (a ReLU flipped, a sum cancelled) may zero a stray pixel
     assert (scaled != 0).float().mean() > 0.999
-    assert (scaled.sign() == ref.sign()).float().mean() > 0.99
+    assert (scaled.sign() == exact.sign()).float().mean() > 0.99
 
 
 def test_fp16_overflow_lowers_the_scale_and_the_gradient_stays_finite():
@@ -160,7 +197,8 @@ def test_a_config_saved_before_the_speed_flags_still_matches(tmp_path):
     iaat.train(cfg, log=lambda m: None)
     path = tmp_path / "r" / "config.json"
     old = json.loads(path.read_text())
-    for name in ("amp", "channels_last", "compile", "cudnn_benchmark"):
+    for name in ("amp", "channels_last", "compile", "cudnn_benchmark", "select_steps",
+                 "select_step_size"):
         del old[name]
     path.write_text(json.dumps(old))
     assert iaat.train_or_load(cfg, train_missing=False)["epochs"] == 1
