@@ -1182,6 +1182,12 @@ def same_everywhere(value, what: str) -> None:
                         "filesystem all of them share?")
 
 
+def barrier() -> None:
+    """Wait for every process (a no-op in a single process)."""
+    if current_dist().world > 1:
+        torch.distributed.barrier()
+
+
 def any_process(flag: bool, device) -> bool:
     """True on every process if it is true on one (all processes stop at the same step)."""
     if current_dist().world == 1:
@@ -1484,6 +1490,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
                     totals["time"] = time.time() - t0
                     save(epoch, step + 1, totals, gen)
                     if stop:
+                        barrier()  # nobody exits before rank 0's checkpoint is on disk
                         raise SystemExit(_stopped(log, out, epoch, step + 1))
             bar.close()
             totals = global_totals(sums)

@@ -117,13 +117,18 @@ def peak_lr(c: ImageNetConfig, world: int) -> float:
     return c.lr if c.lr is not None else 0.1 * c.batch_size * world / 256
 
 
-def lr_factor(c: ImageNetConfig, steps_per_epoch: int):
-    """The LR multiplier at iteration `it`: linear warmup over lr_warmup epochs (Goyal et al.),
-    then x lr_decay at each milestone epoch. For LambdaLR, stepped once per iteration."""
+def lr_factor(c: ImageNetConfig, steps_per_epoch: int, world: int):
+    """The LR multiplier at iteration `it`, for LambdaLR stepped once per iteration.
+
+    Goyal et al.'s gradual warmup: from the LR of a batch of 256 (factor 256 / global batch)
+    linearly up to the peak over lr_warmup epochs; no warmup when the global batch is <= 256.
+    Then x lr_decay at each milestone epoch."""
+    start = min(1.0, 256 / (c.batch_size * world))
+
     def factor(it: int) -> float:
-        warm = min(1.0, (it + 1) / (c.lr_warmup * steps_per_epoch)) if c.lr_warmup else 1.0
+        done = min(1.0, it / (c.lr_warmup * steps_per_epoch)) if c.lr_warmup else 1.0
         passed = sum(it >= m * steps_per_epoch for m in c.lr_milestones)
-        return warm * c.lr_decay ** passed
+        return (start + (1 - start) * done) * c.lr_decay ** passed
     return factor
 
 
@@ -133,11 +138,11 @@ def check(c: ImageNetConfig) -> None:
     if not c.data:
         raise IAATError("--data is required: the ImageNet folder holding train/ and val/")
     for name in ("batch_size", "attack_steps", "select_steps", "eval_steps", "image_size",
-                 "resize", "eval_batch"):
-        if getattr(c, name) < 1:
+                 "resize", "eval_batch", "print_every", "epochs", "eval_n"):
+        if getattr(c, name) is not None and getattr(c, name) < 1:
             raise IAATError(f"--{name.replace('_', '-')} must be positive")
-    if c.lr is not None and not c.lr > 0:
-        raise IAATError("--lr must be > 0")
+    if (c.lr is not None and not c.lr > 0) or not c.lr_decay > 0 or c.save_every < 0:
+        raise IAATError("--lr and --lr-decay must be > 0 and --save-every >= 0")
     if any(not 0 <= e < 1 for e in c.eval_eps) or c.workers < 0 or c.lr_warmup < 0:
         raise IAATError("--eval-eps must lie in [0, 255), --workers and --lr-warmup >= 0")
 
@@ -226,8 +231,9 @@ def train(c: ImageNetConfig, log=print) -> Path:
         raise IAATError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU")
     out = run_folder(c)
     ckpt_path = out / "checkpoint.pt"
-    ckpt = read(ckpt_path, c) if ckpt_path.exists() else None
+    ckpt = read(ckpt_path, c, d.world) if ckpt_path.exists() else iaat._check_fresh(out)
     data = train_set(c)
+    iaat.same_everywhere(len(data), "the number of training images (is --data the same?)")
     n, steps_per_epoch = len(data), len(data) // d.world // c.batch_size
     if steps_per_epoch < 1:
         raise IAATError(f"{len(data)} training images do not fill one batch of {c.batch_size} "
@@ -238,18 +244,21 @@ def train(c: ImageNetConfig, log=print) -> Path:
     fast = iaat.fast_model(model, cfg, device)
     net = fast if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = torch.compile(net) if c.compile and d.world > 1 else net
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=c.momentum,
                           weight_decay=c.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(c, steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(c, steps_per_epoch, d.world))
     scaler = torch.amp.GradScaler(device.type, enabled=c.amp == "fp16")
     mem = torch.full((n,), c.eps_w, device=device)
     visits = torch.zeros(n, dtype=torch.int32, device=device)
-    epoch, step = 0, 0
+    epoch, step, totals = 0, 0, {}
     if ckpt is not None:
         # the sampler's order is fixed by (seed, epoch): no data generator state to restore
-        epoch, step, _ = iaat.restore(ckpt, ckpt_path, model, opt, sched, mem, visits, scaler,
-                                      data_state=False)
+        epoch, step, totals = iaat.restore(ckpt, ckpt_path, model, opt, sched, mem, visits,
+                                           scaler, data_state=False)
         log(f"resuming {out} at epoch {epoch} step {step}")
+    # the epoch's running sums so far (global, so rank 0 alone carries them on)
+    totals = {k: v for k, v in totals.items() if k not in ("processes", "time") and d.main}
     if d.rank > 0:
         torch.manual_seed(c.seed + 7919 * d.rank + 104729 * (epoch * 100_003 + step))
     iaat.same_everywhere((epoch, step), "the epoch and step to resume at")
@@ -273,16 +282,21 @@ def train(c: ImageNetConfig, log=print) -> Path:
         f"{c.batch_size}, {steps_per_epoch} steps per epoch, peak LR {peak_lr(c, d.world):g}, "
         f"amp {c.amp}, {device}")
 
-    def save(epoch, step):
-        if d.main:
+    def save(epoch, step, sums):
+        """Every process calls this: the sums are all-reduced, checked, and rank 0 writes."""
+        totals = iaat.global_totals(sums) if sums else {}
+        iaat._check_finite(totals.get("loss", 0.0), model, epoch, step, ckpt_path)
+        if d.main:  # the world size is saved: the LR schedule and the shards depend on it
             iaat.save_checkpoint(ckpt_path, cfg=c, model=model, opt=opt, sched=sched, mem=mem,
-                                 visits=visits, epoch=epoch, step=step, totals={}, gen=None,
-                                 scaler=scaler)
+                                 visits=visits, epoch=epoch, step=step, gen=None, scaler=scaler,
+                                 totals={**totals, "processes": d.world})
+        iaat.barrier()  # nobody exits before the checkpoint is on disk
     try:
         while epoch < c.epochs:
             sampler.set_epoch(epoch)
             sampler.skip = step
-            sums, t0, t_log, n_log = {}, time.time(), time.time(), 0
+            sums = {k: torch.tensor(v, device=device) for k, v in totals.items()}
+            totals, t0, t_log, n_log = {}, time.time(), time.time(), 0
             for step, (x, y, idx) in enumerate(batches, start=step):
                 x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
                 y, idx = y.to(device, non_blocking=True), idx.to(device, non_blocking=True)
@@ -303,12 +317,13 @@ def train(c: ImageNetConfig, log=print) -> Path:
                 stop = iaat.any_process(iaat._Stop.requested, device)
                 if step + 1 < steps_per_epoch and (stop or (c.save_every and
                                                             (step + 1) % c.save_every == 0)):
-                    save(epoch, step + 1)
+                    save(epoch, step + 1, sums)
                     if stop:
                         log(f"SIGTERM: checkpoint saved at epoch {epoch} step {step + 1} in "
                             f"{out}; rerun the same command to resume")
                         raise SystemExit(143)
             t = iaat.global_totals(sums) if sums else {"n": 0}
+            iaat._check_finite(t.get("loss", 0.0), model, epoch, steps_per_epoch, ckpt_path)
             epoch, step = epoch + 1, 0
             iaat.sync_buffers(model)
             seconds = time.time() - t0
@@ -322,7 +337,7 @@ def train(c: ImageNetConfig, log=print) -> Path:
             if d.main:
                 iaat.write_metrics(out / "metrics.jsonl", rows)
                 append_eps_history(out / "eps_history.npy", mem, epoch)
-                save(epoch, 0)
+            save(epoch, 0, {})
             if iaat.any_process(iaat._Stop.requested, device):
                 log(f"SIGTERM: checkpoint saved at epoch {epoch} in {out}; rerun to resume")
                 raise SystemExit(143)
@@ -336,9 +351,14 @@ def train(c: ImageNetConfig, log=print) -> Path:
     return out
 
 
-def read(path: Path, c: ImageNetConfig) -> dict:
-    """The run's checkpoint (weights_only, checked), if it was written with these settings."""
+def read(path: Path, c: ImageNetConfig, world: int) -> dict:
+    """The run's checkpoint (weights_only, checked), if it was written with these settings
+    and as many processes (the global batch sets the LR, its schedule and the shards)."""
     ckpt = iaat.read_checkpoint(path)
+    saved = int(ckpt["totals"].get("processes", world))
+    if saved != world:
+        raise IAATError(f"checkpoint {path} was written by {saved} processes, this run has "
+                        f"{world}; resume with {saved} (global batch {saved * c.batch_size})")
     mine, theirs = settings(c), {k: v for k, v in ckpt["config"].items() if k not in RUNTIME}
     if mine != theirs:
         k = next(k for k in mine if mine[k] != theirs.get(k))
@@ -395,17 +415,22 @@ def corruption_errors(c: ImageNetConfig, model: nn.Module, device) -> tuple:
     are 224x224 already: centre crop only."""
     d, errors = iaat.current_dist(), {}
     tf = T.Compose([T.CenterCrop(c.image_size), T.ToTensor()])
-    for name in iaat.ALEXNET_ERR:
-        errors[name] = []
-        for severity in range(1, 6):
-            folder = image_folder(Path(c.imagenet_c) / name / str(severity), tf)
-            mine = torch.utils.data.Subset(folder, range(d.rank, len(folder), d.world))
-            wrong = torch.zeros(1, device=device, dtype=torch.float64)
-            with torch.no_grad():
-                for x, y, _ in loader(mine, None, c, device, drop_last=False):
-                    wrong += (model(x.to(device)).argmax(1) != y.to(device)).sum()
-            errors[name].append(float(iaat.all_sum(wrong)) / len(folder))
+    with torch.autocast(device.type, enabled=False), iaat.model_mode(model, False):
+        for name in iaat.ALEXNET_ERR:
+            errors[name] = [error_rate(c, model, device, Path(c.imagenet_c) / name / str(s), tf, d)
+                            for s in range(1, 6)]
     return iaat.mean_corruption_error(errors)
+
+
+def error_rate(c: ImageNetConfig, model, device, folder: Path, tf, d) -> float:
+    """Top-1 error on one corruption and severity, sharded over the processes."""
+    data = image_folder(folder, tf)
+    mine = torch.utils.data.Subset(data, range(d.rank, len(data), d.world))
+    wrong = torch.zeros(1, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        for x, y, _ in loader(mine, None, c, device, drop_last=False):
+            wrong += (model(x.to(device)).argmax(1) != y.to(device)).sum()
+    return float(iaat.all_sum(wrong)) / len(data)
 
 
 def evaluate_run(c: ImageNetConfig, log=print) -> dict:
@@ -420,7 +445,7 @@ def evaluate_run(c: ImageNetConfig, log=print) -> dict:
     arch, state = ckpt["config"].get("arch"), ckpt["model"]
     if arch not in ARCHS or "1.fc.weight" not in state:
         raise IAATError(f"{out / 'checkpoint.pt'} is not an imagenet/train.py checkpoint")
-    model = build_model(arch, state["1.fc.weight"].shape[0]).to(device)
+    model = build_model(arch, state["1.fc.weight"].shape[0]).to(device).eval()
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
