@@ -257,7 +257,8 @@ def train(c: ImageNetConfig, log=print) -> Path:
         epoch, step, totals = iaat.restore(ckpt, ckpt_path, model, opt, sched, mem, visits,
                                            scaler, data_state=False)
         log(f"resuming {out} at epoch {epoch} step {step}")
-    # the epoch's running sums so far (global, so rank 0 alone carries them on)
+    # the epoch's running sums so far (global, so rank 0 alone carries them on) and its time
+    spent = totals.get("time", 0.0)
     totals = {k: v for k, v in totals.items() if k not in ("processes", "time") and d.main}
     if d.rank > 0:
         torch.manual_seed(c.seed + 7919 * d.rank + 104729 * (epoch * 100_003 + step))
@@ -282,9 +283,9 @@ def train(c: ImageNetConfig, log=print) -> Path:
         f"{c.batch_size}, {steps_per_epoch} steps per epoch, peak LR {peak_lr(c, d.world):g}, "
         f"amp {c.amp}, {device}")
 
-    def save(epoch, step, sums):
+    def save(epoch, step, sums, seconds=0.0):
         """Every process calls this: the sums are all-reduced, checked, and rank 0 writes."""
-        totals = iaat.global_totals(sums) if sums else {}
+        totals = dict(iaat.global_totals(sums), time=seconds) if sums else {}
         iaat._check_finite(totals.get("loss", 0.0), model, epoch, step, ckpt_path)
         if d.main:  # the world size is saved: the LR schedule and the shards depend on it
             iaat.save_checkpoint(ckpt_path, cfg=c, model=model, opt=opt, sched=sched, mem=mem,
@@ -296,7 +297,8 @@ def train(c: ImageNetConfig, log=print) -> Path:
             sampler.set_epoch(epoch)
             sampler.skip = step
             sums = {k: torch.tensor(v, device=device) for k, v in totals.items()}
-            totals, t0, t_log, n_log = {}, time.time(), time.time(), 0
+            totals, t0, t_log, n_log = {}, time.time() - spent, time.time(), 0
+            spent = 0.0
             for step, (x, y, idx) in enumerate(batches, start=step):
                 x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
                 y, idx = y.to(device, non_blocking=True), idx.to(device, non_blocking=True)
@@ -317,7 +319,7 @@ def train(c: ImageNetConfig, log=print) -> Path:
                 stop = iaat.any_process(iaat._Stop.requested, device)
                 if step + 1 < steps_per_epoch and (stop or (c.save_every and
                                                             (step + 1) % c.save_every == 0)):
-                    save(epoch, step + 1, sums)
+                    save(epoch, step + 1, sums, time.time() - t0)
                     if stop:
                         log(f"SIGTERM: checkpoint saved at epoch {epoch} step {step + 1} in "
                             f"{out}; rerun the same command to resume")
