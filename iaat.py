@@ -1313,7 +1313,8 @@ def write_metrics(path: Path, rows: list) -> None:
 
 
 def write_eps_history(path: Path, history: np.ndarray) -> None:
-    """(epochs, n_train) float32: the eps memory after each epoch, row e = after epoch e+1."""
+    """(epochs, n_train): the eps memory after each epoch, row e = after epoch e+1 (float32
+    here; imagenet/train.py stores float16)."""
     def save(p):
         with open(p, "wb") as f:
             np.save(f, history)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torchvision
@@ -279,6 +280,7 @@ def train(c: ImageNetConfig, log=print) -> Path:
     iaat._Stop.requested = False
     previous = signal.signal(signal.SIGTERM, iaat._on_sigterm)
     rows = iaat.read_metrics(out / "metrics.jsonl", epoch)
+    history = read_eps_history(out / "eps_history.npy", epoch, n) if d.main else None
     log(f"{c.arch} {c.method}: {n} images, {len(data.classes)} classes, {d.world} processes x "
         f"{c.batch_size}, {steps_per_epoch} steps per epoch, peak LR {peak_lr(c, d.world):g}, "
         f"amp {c.amp}, {device}")
@@ -338,7 +340,8 @@ def train(c: ImageNetConfig, log=print) -> Path:
             log(f"epoch {epoch}/{c.epochs} done | {json.dumps(row)}")
             if d.main:
                 iaat.write_metrics(out / "metrics.jsonl", rows)
-                append_eps_history(out / "eps_history.npy", mem, epoch)
+                history = np.concatenate([history, mem.cpu().numpy()[None].astype(np.float16)])
+                iaat.write_eps_history(out / "eps_history.npy", history)
             save(epoch, 0, {})
             if iaat.any_process(iaat._Stop.requested, device):
                 log(f"SIGTERM: checkpoint saved at epoch {epoch} in {out}; rerun to resume")
@@ -369,11 +372,12 @@ def read(path: Path, c: ImageNetConfig, world: int) -> dict:
     return ckpt
 
 
-def append_eps_history(path: Path, mem: torch.Tensor, epoch: int) -> None:
-    """One row of eps per epoch, as float16 (1.28M images x 110 epochs is 280 MB)."""
-    import numpy as np
-    rows = np.load(path)[:epoch - 1] if path.exists() else np.zeros((0, len(mem)), np.float16)
-    iaat.write_eps_history(path, np.concatenate([rows, mem.cpu().numpy()[None].astype(np.float16)]))
+def read_eps_history(path: Path, epoch: int, n: int) -> np.ndarray:
+    """The eps history of the epochs done, read once at the start; rank 0 then appends a row
+    per epoch in memory. float16 (1.28M images x 110 epochs is 280 MB)."""
+    if epoch and path.exists():
+        return np.load(path)[:epoch]
+    return np.zeros((0, n), np.float16)
 
 
 # ============================================================================================
