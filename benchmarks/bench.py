@@ -1,5 +1,5 @@
 """Speed benchmark of iaat.py: three ratios, measured in one run on one model, batch and setting
-(DESIGN section 7: "the cost of IAAT over PGD-AT is reported as a ratio, measured in one run").
+(docs/design.md, Speed: the cost of IAAT over PGD-AT is reported as a ratio measured in one run).
 
   1. PGD-10 attack:  iaat.pgd_attack / torchattacks.PGD, same model (eval mode), same batch.
                      Target <= 1.05.
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="auto: cuda if available [default: auto]")
-    p.add_argument("--model", default="smallcnn", choices=iaat.MODELS, help="[default: smallcnn]")
+    p.add_argument("--model", default="smallcnn", choices=iaat.CHOICES["model"], help="[default: smallcnn]")
     p.add_argument("--data", default="digits", choices=("digits", "synthetic"),
                    help="digits: the embedded data, the digits preset and a real warm-up of "
                         "cfg.warmup PGD-AT epochs; synthetic: random CIFAR-shaped images and "
@@ -130,18 +130,19 @@ def parse_args(argv) -> argparse.Namespace:
 
 @dataclass
 class Bench:
-    """Everything the contenders share. `net` is what the steps call (channels_last/compile);
-    `model` holds the weights that the snapshots save and restore."""
+    """Everything the contenders share. `s` is iaat's training state: s.attacked is what the
+    steps call (channels_last/compile), s.model holds the weights that the snapshots save and
+    restore, s.mem the eps memory."""
     cfg: iaat.Config  # method "iaat"; the PGD-AT contender uses a copy with method "at"
     device: torch.device
     data: iaat.Data
-    model: torch.nn.Module
-    net: torch.nn.Module
-    opt: torch.optim.Optimizer
-    sched: object
-    mem: torch.Tensor
-    scaler: torch.amp.GradScaler
+    s: iaat.TrainState
     layout: torch.memory_format
+
+    def step(self, x, y, idx, epoch: int, cfg: iaat.Config) -> dict:
+        """iaat.train_step at `epoch` with `cfg` (the IAAT or the PGD-AT contender)."""
+        self.s.epoch = epoch
+        return iaat.train_step(self.s, x, y, idx, cfg)
 
 
 def make_config(args) -> iaat.Config:
@@ -182,11 +183,9 @@ def set_up(args) -> Bench:
     data = load_data(args).to(device)
     torch.manual_seed(cfg.seed)
     model = iaat.build_model(cfg.model, data.num_classes, data.mean, data.std).to(device)
-    net = iaat.fast_model(model, cfg, device)
-    opt, sched = iaat.make_optimizer(model, cfg)
-    mem = torch.full((len(data.train_y),), cfg.eps_w, device=device)  # Alg 1: mem = eps_w
-    layout = torch.channels_last if iaat.channels_last(cfg, device) else torch.contiguous_format
-    return Bench(cfg, device, data, model, net, opt, sched, mem, make_scaler(cfg, device), layout)
+    s = iaat.make_state(model, cfg, len(data.train_y))  # Alg 1: mem = eps_w
+    layout = torch.channels_last if iaat.uses_channels_last(cfg, device) else torch.contiguous_format
+    return Bench(cfg, device, data, s, layout)
 
 
 def make_scaler(cfg: iaat.Config, device: torch.device) -> torch.amp.GradScaler:
@@ -199,7 +198,7 @@ def epoch_batches(b: Bench, epoch: int) -> list:
     n = len(b.data.train_y)
     out = []
     for idx in torch.randperm(n, generator=gen, device=b.device).split(b.cfg.batch_size):
-        x = iaat.augment(b.data.train_x[idx], b.data.augment, gen)
+        x = iaat.augment(b.data.train_x[idx], b.data.augmentation, gen)
         out.append((x.contiguous(memory_format=b.layout), b.data.train_y[idx], idx))
     return out
 
@@ -212,8 +211,8 @@ def warm_up(b: Bench, args, log) -> str:
     if args.data == "digits":
         for epoch in range(b.cfg.warmup):
             for x, y, idx in epoch_batches(b, epoch):
-                iaat.train_step(b.net, b.opt, x, y, idx, b.mem, epoch, at, scaler=b.scaler)
-            b.sched.step()
+                b.step(x, y, idx, epoch, at)
+            b.s.sched.step()
         done = f"{b.cfg.warmup} epoch(s) of PGD-AT at eps_w (the preset's warm-up)"
     else:
         batches, passes = [], 0
@@ -221,7 +220,7 @@ def warm_up(b: Bench, args, log) -> str:
             if not batches:
                 batches, passes = epoch_batches(b, passes), passes + 1
             x, y, idx = batches.pop(0)
-            iaat.train_step(b.net, b.opt, x, y, idx, b.mem, 0, at, scaler=b.scaler)
+            b.step(x, y, idx, 0, at)
         done = f"{args.warm_steps} steps of PGD-AT at eps_w"
     sync(b.device)
     log(f"warm-up: {done}, {time.perf_counter() - t0:.1f} s")
@@ -230,19 +229,19 @@ def warm_up(b: Bench, args, log) -> str:
 
 def snapshot(b: Bench) -> dict:
     """The warmed-up state every contender starts from: weights, optimiser, eps memory, scaler."""
-    return copy.deepcopy({"model": b.model.state_dict(), "opt": b.opt.state_dict(),
-                          "mem": b.mem, "scaler": b.scaler.state_dict()})
+    return copy.deepcopy({"model": b.s.model.state_dict(), "opt": b.s.opt.state_dict(),
+                          "mem": b.s.mem, "scaler": b.s.scaler.state_dict()})
 
 
 def restore(b: Bench, state: dict) -> None:
     """Back to `state`, in place (a compiled `net` keeps its compiled code), from fresh copies."""
     state = copy.deepcopy(state)
-    b.model.load_state_dict(state["model"])
-    b.opt.load_state_dict(state["opt"])
-    b.mem.copy_(state["mem"])
-    b.scaler = make_scaler(b.cfg, b.device)
-    if b.scaler.is_enabled():
-        b.scaler.load_state_dict(state["scaler"])
+    b.s.model.load_state_dict(state["model"])
+    b.s.opt.load_state_dict(state["opt"])
+    b.s.mem.copy_(state["mem"])
+    b.s.scaler = make_scaler(b.cfg, b.device)
+    if b.s.scaler.is_enabled():
+        b.s.scaler.load_state_dict(state["scaler"])
 
 
 # ============================================================================================
@@ -375,12 +374,13 @@ def figure_pgd(b: Bench, state: dict, args, log) -> dict:
     import torchattacks
     restore(b, state)
     x, y, _ = epoch_batches(b, b.cfg.warmup)[0]
-    b.net.eval()
-    theirs = torchattacks.PGD(b.net, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
+    b.s.attacked.eval()
+    theirs = torchattacks.PGD(b.s.attacked, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
 
     def ours_calls():
         for _ in range(args.pgd_calls):
-            iaat.pgd_attack(b.net, x, y, 8 / 255, steps=10, step_size=2 / 255)
+            iaat.pgd_attack(b.s.attacked, x, y, 8 / 255, steps=10, step_size=2 / 255,
+                            grad_fn=iaat.attack_settings(b.cfg)["grad_fn"])
 
     def theirs_calls():
         for _ in range(args.pgd_calls):
@@ -401,10 +401,10 @@ def figure_pgd(b: Bench, state: dict, args, log) -> dict:
 @contextmanager
 def counting_selection():
     """Count the work of Algorithm 2 inside iaat: per iaat.pgd_fooled call the samples attacked
-    and fooled, and the rows that go through iaat._input_grad inside and outside selection.
+    and fooled, and the rows that go through iaat.input_grad inside and outside selection.
     (Wraps the module's functions; the counts force a sync, so only untimed runs use this.)"""
     stats = {"calls": [], "grad_rows": {"selection": 0, "training": 0}, "selection_s": 0.0}
-    fooled_fn, grad_fn, select_fn = iaat.pgd_fooled, iaat._input_grad, iaat.select_epsilon
+    fooled_fn, grad_fn, select_fn = iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon
     inside = [0]
 
     def pgd_fooled(model, x, y, eps, **kw):
@@ -426,11 +426,11 @@ def counting_selection():
         sync(x.device)
         stats["selection_s"] += time.perf_counter() - t0
         return out
-    iaat.pgd_fooled, iaat._input_grad, iaat.select_epsilon = pgd_fooled, input_grad, select_epsilon
+    iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon = pgd_fooled, input_grad, select_epsilon
     try:
         yield stats
     finally:
-        iaat.pgd_fooled, iaat._input_grad, iaat.select_epsilon = fooled_fn, grad_fn, select_fn
+        iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon = fooled_fn, grad_fn, select_fn
 
 
 def selection_stats(b: Bench, state: dict, batches: list) -> dict:
@@ -442,8 +442,7 @@ def selection_stats(b: Bench, state: dict, batches: list) -> dict:
     with counting_selection() as stats:
         for x, y, idx in batches:
             first = len(stats["calls"])
-            iaat.train_step(b.net, b.opt, x, y, idx, b.mem, b.cfg.warmup, b.cfg,
-                            scaler=b.scaler)
+            b.step(x, y, idx, b.cfg.warmup, b.cfg)
             calls = stats["calls"][first:]  # prev + gamma on the batch, then prev on the subset
             n, up_fooled = n + calls[0][0], up_fooled + calls[0][1]
             if len(calls) > 1:
@@ -463,7 +462,7 @@ def selection_stats(b: Bench, state: dict, batches: list) -> dict:
             "training_attack": stats["grad_rows"]["training"] / n,
             "pgd_at_attack": steps, "plain_alg2_selection": 2 * steps},
         "selection_share_of_epoch": stats["selection_s"] / total_s,
-        "eps_mean_after": float(b.mem.mean()),
+        "eps_mean_after": float(b.s.mem.mean()),
     }
 
 
@@ -474,12 +473,10 @@ def figure_epochs(b: Bench, state: dict, args, log) -> tuple:
     epoch, batches = cfg.warmup, epoch_batches(b, cfg.warmup)
 
     steps = {
-        "iaat": lambda x, y, idx: iaat.train_step(b.net, b.opt, x, y, idx, b.mem, epoch, cfg,
-                                                  scaler=b.scaler),
-        "pgd_at": lambda x, y, idx: iaat.train_step(b.net, b.opt, x, y, idx, b.mem, epoch, at,
-                                                    scaler=b.scaler),
-        "official": lambda x, y, idx: official_style_step(b.net, b.opt, x, y, idx, b.mem, cfg,
-                                                          b.scaler),
+        "iaat": lambda x, y, idx: b.step(x, y, idx, epoch, cfg),
+        "pgd_at": lambda x, y, idx: b.step(x, y, idx, epoch, at),
+        "official": lambda x, y, idx: official_style_step(b.s.attacked, b.s.opt, x, y, idx,
+                                                          b.s.mem, cfg, b.s.scaler),
     }
     for step in steps.values():  # warm-up calls: two batches each (quick: one)
         restore(b, state)
@@ -548,7 +545,7 @@ def settings(b: Bench, args, warm: str) -> dict:
             "image_shape": list(b.data.train_x.shape[1:]), "batch": cfg.batch_size,
             "batches_per_epoch": -(-len(b.data.train_y) // cfg.batch_size),
             "amp": cfg.amp, "channels_last": cfg.channels_last,
-            "channels_last_on": iaat.channels_last(cfg, b.device), "compile": cfg.compile,
+            "channels_last_on": iaat.uses_channels_last(cfg, b.device), "compile": cfg.compile,
             "repeats": args.repeats, "pgd_repeats": args.pgd_repeats,
             "pgd_calls_per_repeat": args.pgd_calls,
             "threads": torch.get_num_threads(), "seed": cfg.seed, "quick": args.quick,

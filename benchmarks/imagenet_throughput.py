@@ -67,26 +67,24 @@ def parse(argv):
 
 def contender(m, args, amp: str, device):
     """A model, optimiser and iaat.Config for one precision, from the same seed."""
-    c = m.ImageNetConfig(data="synthetic", arch=args.arch, method=args.method, amp=amp,
-                         attack_steps=args.attack_steps, channels_last=args.channels_last,
-                         select_steps=min(10, args.attack_steps), warmup=0)
+    c = m.imagenet_config(data="synthetic", model=args.arch, method=args.method, amp=amp,
+                          attack_steps=args.attack_steps, channels_last=args.channels_last,
+                          select_steps=min(10, args.attack_steps), warmup=0)
     cfg = m.algorithm_config(c, world=1)
     torch.manual_seed(0)
     model = m.build_model(args.arch, args.classes).to(device)
-    fast = iaat.fast_model(model, cfg, device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    layout = torch.channels_last if iaat.channels_last(cfg, device) else torch.contiguous_format
-    return {"cfg": cfg, "model": fast, "opt": opt, "scaler": scaler, "layout": layout}
+    s = iaat.make_state(model, cfg, args.batch)  # the eps memory at eps_w = 16/255
+    s.epoch = 1  # past the warmup (0): Alg 2 selects
+    layout = torch.channels_last if iaat.uses_channels_last(cfg, device) else torch.contiguous_format
+    return {"cfg": cfg, "state": s, "layout": layout}
 
 
-def step(k, x, y, idx, mem, device) -> float:
+def step(k, x, y, idx, device) -> float:
     """Seconds of one training step (attacks included), synchronised on CUDA."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    iaat.train_step(k["model"], k["opt"], x.contiguous(memory_format=k["layout"]), y, idx, mem,
-                    1, k["cfg"], None, k["scaler"])
+    iaat.train_step(k["state"], x.contiguous(memory_format=k["layout"]), y, idx, k["cfg"])
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t
@@ -101,11 +99,10 @@ def main(argv=None) -> int:
     y = torch.randint(0, args.classes, (args.batch,), generator=gen).to(device)
     idx = torch.arange(args.batch, device=device)
     runs = {amp: contender(m, args, amp, device) for amp in args.amp}
-    mems = {amp: torch.full((args.batch,), 16 / 255, device=device) for amp in args.amp}
     times = {amp: [] for amp in args.amp}
     for i in range(args.warm + args.steps):  # interleaved: fp16, fp32, fp16, fp32, ...
         for amp in args.amp:
-            seconds = step(runs[amp], x, y, idx, mems[amp], device)
+            seconds = step(runs[amp], x, y, idx, device)
             if i >= args.warm:
                 times[amp].append(seconds)
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \

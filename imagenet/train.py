@@ -9,24 +9,22 @@ One process per GPU; every setting is a flag (python imagenet/train.py --help):
     torchrun --nnodes=8 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 \\
         --rdzv-id=iaat50 imagenet/train.py --data ... --arch resnet50      # 64 GPUs
 
-The algorithm is iaat.py's, imported, not copied: `iaat.train_step` runs Alg 1 with Alg 2's
-radius selection, under autocast fp16 with a loss scaled before each input gradient
-(`iaat._input_grad`). This file adds what ImageNet needs around it: ImageFolder loaders with
-a DistributedSampler, torchvision ResNets, the Goyal et al. LR schedule, SyncBatchNorm,
-checkpoints that survive SIGTERM, and the Sec 4.2 evaluation (natural top-1, random-targeted
-PGD at eps 4/8/12/16 in FP32, ImageNet-C mCE). Rerunning a command resumes its run folder.
+A thin launcher over iaat.py: its settings are iaat.Config's plus ImageNet's own, and it runs
+iaat's training loop (`iaat.train_loop`: Alg 1 with Alg 2's radius selection, checkpoints,
+resume, SIGTERM) with what ImageNet needs around it: ImageFolder loaders with a
+DistributedSampler, torchvision ResNets, the Goyal et al. LR schedule stepped per iteration,
+SyncBatchNorm, fp16 attacks with a loss scaled before each input gradient
+(`iaat_fp16.fp16_input_grad`), and the Sec 4.2 evaluation (natural top-1, random-targeted PGD at
+eps 4/8/12/16 in FP32, ImageNet-C mCE). Rerunning a command resumes its run folder.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
@@ -36,81 +34,66 @@ import torchvision.transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import iaat  # noqa: E402  (the repository's iaat.py, also when run as a script)
-from iaat import PIXEL, IAATError, _opt  # noqa: E402
+import iaat_eval  # noqa: E402
+from iaat import PIXEL, IAATError, option  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet statistics
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 # ============================================================================================
-# Settings: paper Table 11 and App E.2
+# Settings: iaat.Config with paper Table 11 and App E.2 as the defaults, plus ImageNet's own
 # ============================================================================================
 
+TABLE_11 = dict(dataset="imagenet", model="resnet50", epochs=110, batch_size=32,
+                lr_milestones=(35, 70, 95), lr_decay=0.1, weight_decay=1e-4, eps_w=16 / PIXEL,
+                gamma=4 / PIXEL, beta=0.1, warmup=30, eps_min=4 / PIXEL, attack_steps=30,
+                step_size=1 / PIXEL, select_steps=10, select_step_size=2 / PIXEL, amp="fp16",
+                eval_steps=1000, eval_step_size=1 / PIXEL, eval_batch=64, save_every=500,
+                log_every=50)
+# the select step is the paper's silence: 2/255 lets 10 steps span the largest candidate, 20
+
+
 @dataclass
-class ImageNetConfig:
-    """Every setting of an ImageNet run; /255 fields are entered in 0-255 units on the CLI."""
-    data: str = _opt("", "ImageNet root holding train/ and val/ class folders (ImageFolder)")
-    arch: str = _opt("resnet50", "torchvision ResNet: " + ", ".join(ARCHS))
-    method: str = _opt("iaat", "iaat, at (PGD-AT at eps_w, Xie et al.) or clean")
-    epochs: int = _opt(110, "training epochs (Table 11: 110)")
-    batch_size: int = _opt(32, "images per process (Table 11: 32 per GPU)")
-    lr: Optional[float] = _opt(None, "peak LR (Table 11: 0.1 x global batch / 256)")
-    lr_warmup: int = _opt(5, "epochs of linear LR warmup (Goyal et al.)")
-    lr_milestones: tuple = _opt((35, 70, 95), "epochs at which the LR decays (Table 11)")
-    lr_decay: float = _opt(0.1, "LR decay factor at each milestone (Table 11: 0.1)")
-    momentum: float = _opt(0.9, "SGD momentum")
-    weight_decay: float = _opt(1e-4, "weight decay (Table 11: 1e-4)")
-    eps_w: float = _opt(16 / PIXEL, "warmup radius, the PGD-AT radius (Table 11: 16)", "/255")
-    gamma: float = _opt(4 / PIXEL, "discretisation gamma of Alg 2 (Table 11: 4)", "/255")
-    beta: float = _opt(0.1, "averaging factor beta of Alg 2 (Table 11: 0.1)")
-    warmup: int = _opt(30, "epochs at eps_w before Alg 2 (Table 11: 30)")
-    eps_min: float = _opt(4 / PIXEL, "lower clip of the selected eps (App E.2: 4)", "/255")
-    attack_steps: int = _opt(30, "PGD steps of the training attack (Table 11: 30)")
-    step_size: float = _opt(1 / PIXEL, "step of the training attack (Table 11: 1)", "/255")
-    select_steps: int = _opt(10, "PGD steps of Alg 2's selection attacks (App E.2: 10)")
-    select_step_size: float = _opt(2 / PIXEL, "step of the selection attacks (paper silent; 2 "
-                                              "lets 10 steps span the largest candidate, 20)", "/255")
-    amp: str = _opt("fp16", "training precision: fp16 (App E.2, loss-scaled), bf16 or none")
-    sync_bn: bool = _opt(False, "SyncBatchNorm across processes (batch statistics over the "
-                                "global batch instead of each GPU's 32)")
-    image_size: int = _opt(224, "training crop and validation centre crop")
-    resize: int = _opt(256, "validation resize before the centre crop")
-    workers: int = _opt(8, "data loader processes per training process")
-    eval_eps: tuple = _opt(tuple(e / PIXEL for e in (4, 8, 12, 16)),
-                           "radii of the random-targeted PGD evaluation (Table 4)", "/255")
-    eval_steps: int = _opt(1000, "PGD steps of the evaluation (Table 4: 1000)")
-    eval_step_size: float = _opt(1 / PIXEL, "step of the evaluation attack", "/255")
-    eval_n: Optional[int] = _opt(None, "evaluate a seeded subset of N validation images")
-    eval_batch: int = _opt(64, "evaluation images per process and batch")
-    imagenet_c: Optional[str] = _opt(None, "ImageNet-C root (<corruption>/<1-5>/<class>/...) "
-                                           "for the mCE column")
-    evaluate_only: bool = _opt(False, "evaluate the run's checkpoint, do not train")
-    seed: int = _opt(0, "random seed")
-    out: Optional[str] = _opt(None, "run folder (default runs/imagenet-<arch>-<method>-seed<seed>)")
-    device: str = _opt("auto", "auto, cpu or cuda")
-    channels_last: str = _opt("auto", "NHWC layout: auto (CUDA with --amp), on or off")
-    compile: bool = _opt(False, "torch.compile the model")
-    save_every: int = _opt(500, "also checkpoint every N steps (0: at epoch ends only)")
-    print_every: int = _opt(50, "log every N steps (rank 0)")
+class ImageNetConfig(iaat.Config):
+    """iaat.Config, whose fields keep their meaning except these three, plus ImageNet's own
+    settings; `imagenet_config` fills in TABLE_11. /255 fields are entered in 0-255 units."""
+    model: Optional[str] = option("resnet50", "torchvision ResNet: " + ", ".join(ARCHS))
+    batch_size: int = option(32, "images per process (Table 11: 32 per GPU)")
+    lr: Optional[float] = option(None, "peak LR (Table 11: 0.1 x global batch / 256)")
+    data: str = option("", "ImageNet root holding train/ and val/ class folders (ImageFolder)")
+    lr_warmup: int = option(5, "epochs of linear LR warmup (Goyal et al.)")
+    sync_bn: bool = option(False, "SyncBatchNorm across processes (batch statistics over the "
+                                  "global batch instead of each GPU's 32)")
+    image_size: int = option(224, "training crop and validation centre crop")
+    resize: int = option(256, "validation resize before the centre crop")
+    workers: int = option(8, "data loader processes per training process")
+    eval_eps: tuple = option(tuple(e / PIXEL for e in (4, 8, 12, 16)),
+                             "radii of the random-targeted PGD evaluation (Table 4)", "/255")
+    eval_n: Optional[int] = option(None, "evaluate a seeded subset of N validation images")
+    imagenet_c: Optional[str] = option(None, "ImageNet-C root (<corruption>/<1-5>/<class>/...) "
+                                             "for the mCE column")
+    evaluate_only: bool = option(False, "evaluate the run's checkpoint, do not train")
+
+    RUNTIME: ClassVar[frozenset] = iaat.Config.RUNTIME | {
+        "data", "workers", "eval_n", "eval_eps", "eval_steps", "eval_step_size", "imagenet_c",
+        "evaluate_only"}
 
 
-RUNTIME = {"data", "workers", "eval_n", "eval_batch", "eval_eps", "eval_steps", "eval_step_size",
-           "imagenet_c", "evaluate_only", "out", "device", "channels_last", "compile",
-           "save_every", "print_every", "epochs"}
+# iaat.Config fields that ImageNet does not use: no flag for them
+UNUSED = ("dataset", "split_seed", "n_train", "data_root", "download", "eps_test", "eval_subset")
 
 
-def algorithm_config(c: ImageNetConfig, world: int) -> iaat.Config:
-    """The iaat.Config that iaat.train_step reads: Alg 1 and 2 with Table 11's values."""
-    cfg = iaat.Config(dataset="imagenet", model=c.arch, method=c.method, epochs=c.epochs,
-                      batch_size=c.batch_size * world, lr=peak_lr(c, world),
-                      momentum=c.momentum, weight_decay=c.weight_decay,
-                      lr_milestones=c.lr_milestones, lr_decay=c.lr_decay, eps_w=c.eps_w,
-                      gamma=c.gamma, beta=c.beta, warmup=c.warmup, eps_min=c.eps_min,
-                      attack_steps=c.attack_steps, step_size=c.step_size,
-                      select_steps=c.select_steps, select_step_size=c.select_step_size,
-                      amp=c.amp, channels_last=c.channels_last, compile=c.compile, seed=c.seed)
-    iaat.check_config(cfg)
-    return cfg
+def imagenet_config(**settings) -> ImageNetConfig:
+    """Table 11's recipe with these settings; IAATError on a bad one."""
+    c = ImageNetConfig(**{**TABLE_11, **settings})
+    check(c)
+    return c
+
+
+def algorithm_config(c: ImageNetConfig, world: int) -> ImageNetConfig:
+    """The settings with the peak LR of `world` processes filled in."""
+    return dataclasses.replace(c, lr=peak_lr(c, world))
 
 
 def peak_lr(c: ImageNetConfig, world: int) -> float:
@@ -134,18 +117,18 @@ def lr_factor(c: ImageNetConfig, steps_per_epoch: int, world: int):
 
 
 def check(c: ImageNetConfig) -> None:
-    if c.arch not in ARCHS:
-        raise IAATError(f"unknown --arch {c.arch!r}; choose from {', '.join(ARCHS)}")
+    if c.model not in ARCHS:
+        raise IAATError(f"unknown --arch {c.model!r}; choose from {', '.join(ARCHS)}")
     if not c.data:
         raise IAATError("--data is required: the ImageNet folder holding train/ and val/")
-    for name in ("batch_size", "attack_steps", "select_steps", "eval_steps", "image_size",
-                 "resize", "eval_batch", "print_every", "epochs", "eval_n"):
+    for name in ("image_size", "resize", "eval_n", "log_every"):
         if getattr(c, name) is not None and getattr(c, name) < 1:
             raise IAATError(f"--{name.replace('_', '-')} must be positive")
-    if (c.lr is not None and not c.lr > 0) or not c.lr_decay > 0 or c.save_every < 0:
-        raise IAATError("--lr and --lr-decay must be > 0 and --save-every >= 0")
+    if c.lr is not None and not c.lr > 0:
+        raise IAATError("--lr must be > 0")
     if any(not 0 <= e < 1 for e in c.eval_eps) or c.workers < 0 or c.lr_warmup < 0:
         raise IAATError("--eval-eps must lie in [0, 255), --workers and --lr-warmup >= 0")
+    iaat.check_config(algorithm_config(c, 1))  # the algorithm's and the run's settings
 
 
 # ============================================================================================
@@ -212,172 +195,63 @@ def build_model(arch: str, num_classes: int, sync_bn: bool = False) -> nn.Module
 
 
 # ============================================================================================
-# Training
+# Training: iaat's loop over ImageFolder batches, the LR stepped per iteration
 # ============================================================================================
 
 def run_folder(c: ImageNetConfig) -> Path:
-    return Path(c.out or f"runs/imagenet-{c.arch}-{c.method}-seed{c.seed}")
-
-
-def settings(c: ImageNetConfig) -> dict:
-    return {k: v for k, v in iaat.config_dict(c).items() if k not in RUNTIME}
+    return Path(c.out or f"runs/imagenet-{c.model}-{c.method}-seed{c.seed}")
 
 
 def train(c: ImageNetConfig, log=print) -> Path:
-    """Train (or resume) into run_folder(c): checkpoint.pt, metrics.jsonl, eps_history.npy."""
+    """Train (or resume) into run_folder(c): checkpoint.pt, metrics.jsonl, eps_history.npy
+    (float16: 1.28M images x 110 epochs is 280 MB) and the plots, by iaat.train_loop."""
     d = iaat.current_dist()
     log = log if d.main else (lambda msg: None)
     device = iaat.pick_device(c.device, d.local_rank)
     if c.sync_bn and d.world > 1 and device.type != "cuda":
         raise IAATError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU")
     out = run_folder(c)
-    ckpt_path = out / "checkpoint.pt"
-    ckpt = read(ckpt_path, c, d.world) if ckpt_path.exists() else iaat._check_fresh(out)
+    ckpt = iaat.open_run(out, c)
+    if ckpt is not None and ckpt.get("processes") != d.world:
+        # the global batch sets the LR, its schedule and the shards
+        saved = ckpt.get("processes")
+        raise IAATError(f"checkpoint {out / 'checkpoint.pt'} was written by {saved} processes, "
+                        f"this run has {d.world}; resume with {saved} (global batch "
+                        f"{saved * c.batch_size})")
     data = train_set(c)
     iaat.same_everywhere(len(data), "the number of training images (is --data the same?)")
     n, steps_per_epoch = len(data), len(data) // d.world // c.batch_size
     if steps_per_epoch < 1:
         raise IAATError(f"{len(data)} training images do not fill one batch of {c.batch_size} "
                         f"on each of {d.world} processes")
-    cfg = algorithm_config(c, d.world)
     torch.manual_seed(c.seed)
-    model = build_model(c.arch, len(data.classes), c.sync_bn and d.world > 1).to(device)
-    fast = iaat.fast_model(model, cfg, device)
-    net = fast if d.world == 1 else torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-    net = torch.compile(net) if c.compile and d.world > 1 else net
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=c.momentum,
+    model = build_model(c.model, len(data.classes), c.sync_bn and d.world > 1).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=peak_lr(c, d.world), momentum=c.momentum,
                           weight_decay=c.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(c, steps_per_epoch, d.world))
-    scaler = torch.amp.GradScaler(device.type, enabled=c.amp == "fp16")
-    mem = torch.full((n,), c.eps_w, device=device)
-    visits = torch.zeros(n, dtype=torch.int32, device=device)
-    epoch, step, totals = 0, 0, {}
-    if ckpt is not None:
-        # the sampler's order is fixed by (seed, epoch): no data generator state to restore
-        epoch, step, totals = iaat.restore(ckpt, ckpt_path, model, opt, sched, mem, visits,
-                                           scaler, data_state=False)
-        log(f"resuming {out} at epoch {epoch} step {step}")
-    # the epoch's running sums so far (global, so rank 0 alone carries them on) and its time
-    spent = totals.get("time", 0.0)
-    totals = {k: v for k, v in totals.items() if k not in ("processes", "time") and d.main}
-    if d.rank > 0:
-        torch.manual_seed(c.seed + 7919 * d.rank + 104729 * (epoch * 100_003 + step))
-    iaat.same_everywhere((epoch, step), "the epoch and step to resume at")
-    lock = problem = None  # rank 0 claims the folder; every process learns if it could not
-    if d.main:
-        try:
-            lock = iaat.claim_run_dir(out)
-        except IAATError as err:
-            problem = err
-    if iaat.any_process(problem is not None, device):
-        raise problem or IAATError(f"rank 0 could not claim {out}")
-    if d.main and ckpt is None:
-        iaat.write_json(out / "config.json", iaat.config_dict(c))
+    s = iaat.make_state(model, c, n, opt, sched)
+    # the sampler's order is fixed by (seed, epoch): no data generator state to restore
+    totals = iaat.restore(ckpt, out / "checkpoint.pt", s, data_state=False) if ckpt else {}
     sampler = EpochSampler(data, d, c.seed, c.batch_size)
-    batches = loader(data, sampler, c, device, drop_last=True)
-    layout = torch.channels_last if iaat.channels_last(cfg, device) else torch.contiguous_format
-    iaat._Stop.requested = False
-    previous = signal.signal(signal.SIGTERM, iaat._on_sigterm)
-    rows = iaat.read_metrics(out / "metrics.jsonl", epoch)
-    history = read_eps_history(out / "eps_history.npy", epoch, n) if d.main else None
-    log(f"{c.arch} {c.method}: {n} images, {len(data.classes)} classes, {d.world} processes x "
+    images = loader(data, sampler, c, device, drop_last=True)
+    layout = torch.channels_last if iaat.uses_channels_last(c, device) else torch.contiguous_format
+    log(f"{c.model} {c.method}: {n} images, {len(data.classes)} classes, {d.world} processes x "
         f"{c.batch_size}, {steps_per_epoch} steps per epoch, peak LR {peak_lr(c, d.world):g}, "
         f"amp {c.amp}, {device}")
 
-    def save(epoch, step, sums, seconds=0.0):
-        """Every process calls this: the sums are all-reduced, checked, and rank 0 writes."""
-        totals = dict(iaat.global_totals(sums), time=seconds) if sums else {}
-        iaat._check_finite(totals.get("loss", 0.0), model, epoch, step, ckpt_path)
-        if d.main:  # the world size is saved: the LR schedule and the shards depend on it
-            iaat.save_checkpoint(ckpt_path, cfg=c, model=model, opt=opt, sched=sched, mem=mem,
-                                 visits=visits, epoch=epoch, step=step, gen=None, scaler=scaler,
-                                 totals={**totals, "processes": d.world})
-        iaat.barrier()  # nobody exits before the checkpoint is on disk
-    try:
-        while epoch < c.epochs:
-            sampler.set_epoch(epoch)
-            sampler.skip = step
-            sums = {k: torch.tensor(v, device=device) for k, v in totals.items()}
-            totals, t0, t_log, n_log = {}, time.time() - spent, time.time(), 0
-            spent = 0.0
-            for step, (x, y, idx) in enumerate(batches, start=step):
-                x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
-                y, idx = y.to(device, non_blocking=True), idx.to(device, non_blocking=True)
-                for k, v in iaat.train_step(fast, opt, x, y, idx, mem, epoch, cfg, net,
-                                            scaler).items():
-                    sums[k] = sums.get(k, 0) + v
-                sched.step()
-                if c.method == "iaat" and epoch >= c.warmup:
-                    iaat.sync_memory(mem, visits, idx, c.batch_size, d)
-                n_log += 1
-                if (step + 1) % c.print_every == 0:
-                    t = iaat.global_totals(sums)
-                    rate = n_log * c.batch_size * d.world / (time.time() - t_log)
-                    log(f"epoch {epoch + 1} step {step + 1}/{steps_per_epoch} | loss "
-                        f"{t['loss'] / t['n']:.3f} | acc {t['train_acc'] / t['n']:.3f} | eps "
-                        f"{t['eps'] / t['n'] * PIXEL:.1f}/255 | {rate:.1f} img/s")
-                    t_log, n_log = time.time(), 0
-                stop = iaat.any_process(iaat._Stop.requested, device)
-                if step + 1 < steps_per_epoch and (stop or (c.save_every and
-                                                            (step + 1) % c.save_every == 0)):
-                    save(epoch, step + 1, sums, time.time() - t0)
-                    if stop:
-                        log(f"SIGTERM: checkpoint saved at epoch {epoch} step {step + 1} in "
-                            f"{out}; rerun the same command to resume")
-                        raise SystemExit(143)
-            t = iaat.global_totals(sums) if sums else {"n": 0}
-            iaat._check_finite(t.get("loss", 0.0), model, epoch, steps_per_epoch, ckpt_path)
-            epoch, step = epoch + 1, 0
-            iaat.sync_buffers(model)
-            seconds = time.time() - t0
-            row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "seconds": round(seconds, 2)}
-            if t["n"]:
-                row.update(images=int(t["n"]), train_loss=t["loss"] / t["n"],
-                           train_acc=t["train_acc"] / t["n"], eps_mean=t["eps"] / t["n"],
-                           images_per_second=round(t["n"] / seconds, 2))
-            rows.append(row)
-            log(f"epoch {epoch}/{c.epochs} done | {json.dumps(row)}")
-            if d.main:
-                iaat.write_metrics(out / "metrics.jsonl", rows)
-                history = np.concatenate([history, mem.cpu().numpy()[None].astype(np.float16)])
-                iaat.write_eps_history(out / "eps_history.npy", history)
-            save(epoch, 0, {})
-            if iaat.any_process(iaat._Stop.requested, device):
-                log(f"SIGTERM: checkpoint saved at epoch {epoch} in {out}; rerun to resume")
-                raise SystemExit(143)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if lock is not None:
-            lock.close()
-    digests = iaat.digests_everywhere([mem])
-    if len(set(digests)) > 1:
-        raise IAATError(f"the eps memories of the processes differ: {digests}")
+    def batches(epoch: int, start: int):
+        sampler.set_epoch(epoch)
+        sampler.skip = start
+
+        def stream():
+            for x, y, idx in images:
+                yield (x.to(device, non_blocking=True).contiguous(memory_format=layout),
+                       y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
+        return stream(), None
+    iaat.train_loop(c, s, out, totals, batches, steps_per_epoch, shard_size=c.batch_size,
+                    log=log, lr_per_step=True, history_dtype=np.float16)
+    iaat.agreement(s)
     return out
-
-
-def read(path: Path, c: ImageNetConfig, world: int) -> dict:
-    """The run's checkpoint (weights_only, checked), if it was written with these settings
-    and as many processes (the global batch sets the LR, its schedule and the shards)."""
-    ckpt = iaat.read_checkpoint(path)
-    saved = int(ckpt["totals"].get("processes", world))
-    if saved != world:
-        raise IAATError(f"checkpoint {path} was written by {saved} processes, this run has "
-                        f"{world}; resume with {saved} (global batch {saved * c.batch_size})")
-    mine, theirs = settings(c), {k: v for k, v in ckpt["config"].items() if k not in RUNTIME}
-    if mine != theirs:
-        k = next(k for k in mine if mine[k] != theirs.get(k))
-        raise IAATError(f"checkpoint {path} was written with {k}={theirs.get(k)!r}, this run "
-                        f"has {k}={mine[k]!r}; rerun with the same settings or another --out")
-    return ckpt
-
-
-def read_eps_history(path: Path, epoch: int, n: int) -> np.ndarray:
-    """The eps history of the epochs done, read once at the start; rank 0 then appends a row
-    per epoch in memory. float16 (1.28M images x 110 epochs is 280 MB)."""
-    if epoch and path.exists():
-        return np.load(path)[:epoch]
-    return np.zeros((0, n), np.float16)
 
 
 # ============================================================================================
@@ -390,9 +264,9 @@ def evaluate(c: ImageNetConfig, model: nn.Module, device, log=print) -> dict:
     d = iaat.current_dist()
     log = log if d.main else (lambda msg: None)
     val = val_set(c)
-    chosen = iaat.eval_subset(len(val), c.eval_n, c.seed, "cpu")
+    chosen = iaat_eval.test_subset(len(val), c.eval_n, c.seed, "cpu")
     # one random target per validation image, fixed by the seed whatever the subset or shards
-    targets = iaat.random_targets(torch.tensor(val.targets), len(val.classes),
+    targets = iaat_eval.random_targets(torch.tensor(val.targets), len(val.classes),
                                   torch.Generator().manual_seed(c.seed))
     mine = torch.utils.data.Subset(val, chosen[d.rank::d.world].tolist())
     counts = torch.zeros(1 + len(c.eval_eps), device=device, dtype=torch.float64)
@@ -402,7 +276,7 @@ def evaluate(c: ImageNetConfig, model: nn.Module, device, log=print) -> dict:
             with torch.no_grad():
                 counts[0] += (model(x).argmax(1) == y).sum()
             for k, eps in enumerate(c.eval_eps):
-                counts[1 + k] += iaat.attack_correct(
+                counts[1 + k] += iaat_eval.attack_correct(
                     model, x, y, eps=eps, steps=c.eval_steps, step_size=c.eval_step_size,
                     target=t).sum()
     counts = iaat.all_sum(counts).tolist()
@@ -417,15 +291,15 @@ def evaluate(c: ImageNetConfig, model: nn.Module, device, log=print) -> dict:
 
 
 def corruption_errors(c: ImageNetConfig, model: nn.Module, device) -> tuple:
-    """ImageNet-C mCE, normalised by AlexNet (iaat.mean_corruption_error). ImageNet-C images
+    """ImageNet-C mCE, normalised by AlexNet (iaat_eval.mean_corruption_error). ImageNet-C images
     are 224x224 already: centre crop only."""
     d, errors = iaat.current_dist(), {}
     tf = T.Compose([T.CenterCrop(c.image_size), T.ToTensor()])
     with torch.autocast(device.type, enabled=False), iaat.model_mode(model, False):
-        for name in iaat.ALEXNET_ERR:
+        for name in iaat_eval.ALEXNET_ERR:
             errors[name] = [error_rate(c, model, device, Path(c.imagenet_c) / name / str(s), tf, d)
                             for s in range(1, 6)]
-    return iaat.mean_corruption_error(errors)
+    return iaat_eval.mean_corruption_error(errors)
 
 
 def error_rate(c: ImageNetConfig, model, device, folder: Path, tf, d) -> float:
@@ -448,7 +322,7 @@ def evaluate_run(c: ImageNetConfig, log=print) -> dict:
         raise IAATError(f"{out / 'checkpoint.pt'} not found; train first or give --out")
     ckpt = iaat.read_checkpoint(out / "checkpoint.pt")
     device = iaat.pick_device(c.device, d.local_rank)
-    arch, state = ckpt["config"].get("arch"), ckpt["model"]
+    arch, state = ckpt["config"].get("model"), ckpt["model"]
     if arch not in ARCHS or "1.fc.weight" not in state:
         raise IAATError(f"{out / 'checkpoint.pt'} is not an imagenet/train.py checkpoint")
     model = build_model(arch, state["1.fc.weight"].shape[0]).to(device).eval()
@@ -466,41 +340,17 @@ def evaluate_run(c: ImageNetConfig, log=print) -> dict:
 # CLI
 # ============================================================================================
 
-def build_parser() -> argparse.ArgumentParser:
-    p = iaat._Parser(prog="imagenet/train.py", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(ImageNetConfig):
-        flag, unit = "--" + f.name.replace("_", "-"), f.metadata["unit"]
-        help = f.metadata["help"] + (" [x/255]" if unit else "")
-        default = f.default
-        if unit and default is not None:
-            default = tuple(v * PIXEL for v in default) if isinstance(default, tuple) else \
-                round(default * PIXEL, 6)
-        if f.type == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help)
-        elif isinstance(f.default, tuple):
-            p.add_argument(flag, type=float if unit else int, nargs="+", default=default,
-                           help=help)
-        else:
-            kind = int if "int" in f.type else float if "float" in f.type else str
-            choices = {"arch": ARCHS, "method": iaat.METHODS, "amp": tuple(iaat.AMP),
-                       "device": ("auto", "cpu", "cuda"),
-                       "channels_last": ("auto", "on", "off")}.get(f.name)
-            p.add_argument(flag, type=kind, default=default, choices=choices, help=help)
+def build_parser():
+    p = iaat.CLIParser(prog="imagenet/train.py", description=__doc__.split("\n\n")[0])
+    iaat.add_config_flags(p, ImageNetConfig, {"imagenet": TABLE_11}, skip=UNUSED,
+                          choices={"model": ARCHS},
+                          aliases={"model": ["--arch"], "log_every": ["--print-every"]})
     return p
 
 
 def config_from_args(argv) -> ImageNetConfig:
-    args = vars(build_parser().parse_args(argv))
-    for f in dataclasses.fields(ImageNetConfig):
-        value = args[f.name]
-        if f.metadata["unit"] and value is not None:
-            value = tuple(v / PIXEL for v in value) if isinstance(value, (list, tuple)) else \
-                value / PIXEL
-        args[f.name] = tuple(value) if isinstance(value, list) else value
-    c = ImageNetConfig(**args)
-    check(c)
-    return c
+    values = iaat.config_values(build_parser().parse_args(argv), ImageNetConfig)
+    return imagenet_config(**{k: v for k, v in values.items() if v is not None})
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iaat import table_cells
+from iaat_eval import table_cells
 
 
 def by_setting(results: list) -> dict:

@@ -1,4 +1,4 @@
-"""pgd_attack's contract (DESIGN section 4)."""
+"""pgd_attack's contract (docs/design.md: the copyable core, the algorithm)."""
 import torch
 import torch.nn.functional as F
 

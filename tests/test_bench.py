@@ -120,13 +120,13 @@ def test_official_style_step_takes_parameter_gradients_in_every_attack_step():
     for name in ("official", "ours"):
         torch.manual_seed(0)
         model = tiny_cnn()
-        opt, _ = iaat.make_optimizer(model, cfg)
-        mem = torch.full((len(y),), cfg.eps_w)
+        s = iaat.make_state(model, cfg, len(y))  # the eps memory starts at eps_w
+        s.epoch = cfg.warmup
         count = _count_param_grads(model)
         if name == "official":
-            bench.official_style_step(model, opt, x, y, idx, mem, cfg)
+            bench.official_style_step(model, s.opt, x, y, idx, s.mem, cfg)
         else:
-            iaat.train_step(model, opt, x, y, idx, mem, cfg.warmup, cfg)
+            iaat.train_step(s, x, y, idx, cfg)
         counts[name] = count[0]
     assert counts == {"official": 3 * cfg.attack_steps + 1, "ours": 1}
 
@@ -136,10 +136,10 @@ def test_official_style_step_trains_and_updates_the_memory_by_algorithm_2():
     x, y = _batch(48)
     idx = torch.arange(8, 40)  # a batch of 32 of 48 images; the others' memory stays
     model = tiny_cnn()
-    opt, _ = iaat.make_optimizer(model, cfg)
+    s = iaat.make_state(model, cfg, 48)
     before = [p.detach().clone() for p in model.parameters()]
-    mem = torch.full((48,), cfg.eps_w)
-    out = bench.official_style_step(model, opt, x[idx], y[idx], idx, mem, cfg)
+    mem = s.mem
+    out = bench.official_style_step(model, s.opt, x[idx], y[idx], idx, mem, cfg)
     assert math.isfinite(float(out["loss"]))
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert torch.equal(out["eps"], mem[idx])
@@ -155,11 +155,11 @@ def test_counting_selection_counts_and_puts_iaat_back():
     cfg = iaat.make_config("digits", attack_steps=3)
     x, y = _batch()
     model = tiny_cnn().eval()
-    originals = (iaat.pgd_fooled, iaat._input_grad, iaat.select_epsilon)
+    originals = (iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon)
     with bench.counting_selection() as stats:
         iaat.select_epsilon(model, x, y, torch.full((len(y),), 0.05), gamma=cfg.gamma,
                             beta=cfg.beta, steps=3)
-    assert (iaat.pgd_fooled, iaat._input_grad, iaat.select_epsilon) == originals
+    assert (iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon) == originals
     assert stats["calls"][0][0] == len(y)
     if len(stats["calls"]) > 1:  # the second attack runs on those fooled at prev + gamma
         assert stats["calls"][1][0] == stats["calls"][0][1]

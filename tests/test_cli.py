@@ -1,5 +1,5 @@
 """Bad input gets a one-line error and a non-zero exit, and nothing already written is lost
-(DESIGN section 8). Everything runs the real CLI in a subprocess."""
+(docs/design.md, Reliability). Everything runs the real CLI in a subprocess."""
 import sys
 
 import pytest

@@ -52,7 +52,7 @@ def test_cifar_loads_through_torchvision(tmp_path, no_md5, name):
     # a CIFAR row is 1024 red, then 1024 green, then 1024 blue values, each row-major
     assert torch.equal(data.test_x, torch.from_numpy(test_rows.reshape(-1, 3, 32, 32)))
     assert data.test_y.tolist() == test_labels
-    assert data.augment == "cifar" and len(data.mean) == 3
+    assert data.augmentation == "cifar" and len(data.mean) == 3
 
 
 def test_missing_cifar_without_download_is_a_clear_error(tmp_path):
@@ -81,7 +81,7 @@ def test_digits_split_is_fixed_by_seed_and_stratified():
     assert not torch.equal(a.test_x, c.test_x)
     counts = torch.bincount(a.test_y, minlength=10)
     assert counts.min() >= 48 and counts.max() <= 51  # stratified: ~49.7 per class
-    assert a.augment == "digits"
+    assert a.augmentation == "digits"
 
 
 def test_digits_augmentation_only_shifts_by_at_most_one_pixel():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import iaat
+import iaat_eval
 from conftest import ROOT, run_cli
 
 EPS, STEP = 0.2, 0.05  # the digits preset's test radius and step
@@ -28,7 +29,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(runs):
-    model, cfg, data, epoch = iaat.load_run(runs[0], torch.device("cpu"))
+    model, cfg, data, epoch = iaat_eval.load_run(runs[0], torch.device("cpu"))
     assert epoch == cfg.epochs == 8
     return model, iaat.to_float(data.test_x), data.test_y
 
@@ -46,7 +47,7 @@ def test_our_pgd_matches_torchattacks_pgd(trained):
     torch.manual_seed(1)
     ours = (_acc(model, iaat.pgd_attack(model, x, y, EPS, steps=20, step_size=STEP)) == y)
     torch.manual_seed(1)
-    theirs = iaat.library_correct(iaat.library_attack("pgd", model, eps=EPS, step_size=STEP,
+    theirs = iaat_eval.library_correct(iaat_eval.library_attack("pgd", model, eps=EPS, step_size=STEP,
                                                       num_classes=10, steps=20), model, x, y, EPS)
     clean = (_acc(model, x) == y).float().mean().item()
     ours, theirs = ours.float().mean().item(), theirs.float().mean().item()
@@ -60,9 +61,9 @@ def test_any_iterate_and_restarts_are_at_least_as_strong(trained):
     break more: per sample, not just on average."""
     model, x, y = trained
     torch.manual_seed(3)
-    one = iaat.attack_correct(model, x, y, eps=EPS, steps=10, step_size=STEP)
+    one = iaat_eval.attack_correct(model, x, y, eps=EPS, steps=10, step_size=STEP)
     torch.manual_seed(3)
-    three = iaat.attack_correct(model, x, y, eps=EPS, steps=10, step_size=STEP, restarts=3)
+    three = iaat_eval.attack_correct(model, x, y, eps=EPS, steps=10, step_size=STEP, restarts=3)
     clean = _acc(model, x) == y
     torch.manual_seed(3)
     alive = clean.nonzero().flatten()  # attack_correct draws the starts of these samples only
@@ -78,10 +79,10 @@ def test_steps_sweep_equals_separate_pgd_runs(trained):
     model, x, y = trained
     ks = (7, 1, 15, 3)  # rows come back in the order asked
     torch.manual_seed(5)
-    sweep = iaat.pgd_steps_sweep(model, x, y, eps=EPS, step_size=STEP, steps=ks)
+    sweep = iaat_eval.pgd_steps_sweep(model, x, y, eps=EPS, step_size=STEP, steps=ks)
     for row, k in zip(sweep, ks):
         torch.manual_seed(5)
-        assert torch.equal(row, iaat.attack_correct(model, x, y, eps=EPS, steps=k,
+        assert torch.equal(row, iaat_eval.attack_correct(model, x, y, eps=EPS, steps=k,
                                                     step_size=STEP)), k
     assert sweep[1].sum() > sweep[2].sum()  # PGD-1 is weaker than PGD-15
 
@@ -89,35 +90,35 @@ def test_steps_sweep_equals_separate_pgd_runs(trained):
 def test_transfer_from_the_model_itself_is_its_white_box_attack(trained, runs):
     model, x, y = trained
     torch.manual_seed(7)
-    self_transfer = iaat.transfer_correct(model, model, x, y, eps=EPS, steps=10, step_size=STEP)
+    self_transfer = iaat_eval.transfer_correct(model, model, x, y, eps=EPS, steps=10, step_size=STEP)
     torch.manual_seed(7)
     white = _acc(model, iaat.pgd_attack(model, x, y, EPS, steps=10, step_size=STEP)) == y
     assert torch.equal(self_transfer, white)
-    surrogate = iaat.load_run(runs[1], torch.device("cpu"))[0]
-    other = iaat.transfer_correct(model, surrogate, x, y, eps=EPS, steps=10, step_size=STEP)
+    surrogate = iaat_eval.load_run(runs[1], torch.device("cpu"))[0]
+    other = iaat_eval.transfer_correct(model, surrogate, x, y, eps=EPS, steps=10, step_size=STEP)
     assert other.float().mean() > white.float().mean()  # a black-box attack is weaker here
 
 
 def test_random_targets_are_other_classes_and_seeded():
     y = torch.arange(10).repeat(200)
-    t = iaat.random_targets(y, 10, torch.Generator().manual_seed(0))
+    t = iaat_eval.random_targets(y, 10, torch.Generator().manual_seed(0))
     assert not (t == y).any() and set(t.tolist()) == set(range(10))
-    assert torch.equal(t, iaat.random_targets(y, 10, torch.Generator().manual_seed(0)))
-    assert not torch.equal(t, iaat.random_targets(y, 10, torch.Generator().manual_seed(1)))
+    assert torch.equal(t, iaat_eval.random_targets(y, 10, torch.Generator().manual_seed(0)))
+    assert not torch.equal(t, iaat_eval.random_targets(y, 10, torch.Generator().manual_seed(1)))
 
 
 def test_random_targeted_attack_moves_images_to_their_targets(trained):
     model, x, y = trained
-    target = iaat.random_targets(y, 10, torch.Generator().manual_seed(0))
+    target = iaat_eval.random_targets(y, 10, torch.Generator().manual_seed(0))
     x_adv = iaat.pgd_attack(model, x, target, 0.4, steps=20, step_size=0.05, targeted=True)
     hit = (_acc(model, x_adv) == target).float().mean()
     assert hit > 0.5
     torch.manual_seed(2)
-    one = iaat.attack_correct(model, x, y, eps=EPS, steps=20, step_size=STEP, target=target)
+    one = iaat_eval.attack_correct(model, x, y, eps=EPS, steps=20, step_size=STEP, target=target)
     torch.manual_seed(2)
-    three = iaat.attack_correct(model, x, y, eps=EPS, steps=20, step_size=STEP, target=target,
+    three = iaat_eval.attack_correct(model, x, y, eps=EPS, steps=20, step_size=STEP, target=target,
                                 restarts=3)
-    untargeted = iaat.attack_correct(model, x, y, eps=EPS, steps=20, step_size=STEP)
+    untargeted = iaat_eval.attack_correct(model, x, y, eps=EPS, steps=20, step_size=STEP)
     assert not (three & ~one).any() and three.sum() < one.sum()  # each sample's worst restart
     # reaching one given class is harder than leaving the true one
     assert one.float().mean() >= untargeted.float().mean() - 0.01
@@ -128,14 +129,14 @@ def test_library_attacks_stay_in_the_ball_and_below_natural(trained):
     x, y = x[:60], y[:60]
     natural = (_acc(model, x) == y).float().mean()
     torch.manual_seed(0)
-    pgd40 = iaat.attack_correct(model, x, y, eps=EPS, steps=40, step_size=STEP).float().mean()
+    pgd40 = iaat_eval.attack_correct(model, x, y, eps=EPS, steps=40, step_size=STEP).float().mean()
     accs = {}
     for name in ("deepfool", "mifgsm", "cw40"):
-        attack = iaat.library_attack(name, model, eps=EPS, step_size=STEP, num_classes=10)
+        attack = iaat_eval.library_attack(name, model, eps=EPS, step_size=STEP, num_classes=10)
         if name != "deepfool":  # DeepFool is unbounded (L2); library_correct clips it
             x_adv = attack(x, y)
             assert (x_adv - x).abs().max() <= EPS + 1e-6 and 0 <= x_adv.min() <= x_adv.max() <= 1
-        accs[name] = iaat.library_correct(attack, model, x, y, EPS).float().mean()
+        accs[name] = iaat_eval.library_correct(attack, model, x, y, EPS).float().mean()
         assert accs[name] <= natural, name
     assert accs["mifgsm"] < natural and accs["deepfool"] < natural
     assert abs(accs["cw40"] - pgd40) <= 0.1  # CW-loss PGD-40 is about as strong as CE PGD-40
@@ -144,7 +145,7 @@ def test_library_attacks_stay_in_the_ball_and_below_natural(trained):
 def test_autoattack_is_the_standard_version_for_any_number_of_classes(trained):
     model = trained[0]
     for classes in (10, 100):
-        aa = iaat.library_attack("autoattack", model, eps=EPS, step_size=STEP,
+        aa = iaat_eval.library_attack("autoattack", model, eps=EPS, step_size=STEP,
                                  num_classes=classes)
         names = [type(a).__name__ for a in aa._autoattack.attacks]
         assert names == ["APGD", "APGDT", "FAB", "Square"]
@@ -155,21 +156,21 @@ def test_autoattack_is_the_standard_version_for_any_number_of_classes(trained):
 def test_cw_margin_by_hand():
     logits = torch.tensor([[2.0, 5.0, -1.0], [0.5, 0.0, 3.0]])
     y = torch.tensor([1, 0])
-    assert iaat.cw_margin(logits, y).item() == pytest.approx((2.0 - 5.0) + (3.0 - 0.5))
-    assert iaat.cw_margin(logits, y, reduction="none").tolist() == [2.0 - 5.0, 3.0 - 0.5]
+    assert iaat_eval.cw_margin(logits, y).item() == pytest.approx((2.0 - 5.0) + (3.0 - 0.5))
+    assert iaat_eval.cw_margin(logits, y, reduction="none").tolist() == [2.0 - 5.0, 3.0 - 0.5]
 
 
 def test_eval_subset_is_fixed_by_seed():
-    a = iaat.eval_subset(1000, 100, seed=3, device="cpu")
-    assert torch.equal(a, iaat.eval_subset(1000, 100, seed=3, device="cpu"))
+    a = iaat_eval.test_subset(1000, 100, seed=3, device="cpu")
+    assert torch.equal(a, iaat_eval.test_subset(1000, 100, seed=3, device="cpu"))
     assert len(set(a.tolist())) == 100 and torch.equal(a, a.sort().values)
-    assert not torch.equal(a, iaat.eval_subset(1000, 100, seed=4, device="cpu"))
-    assert torch.equal(iaat.eval_subset(50, None, seed=0, device="cpu"), torch.arange(50))
+    assert not torch.equal(a, iaat_eval.test_subset(1000, 100, seed=4, device="cpu"))
+    assert torch.equal(iaat_eval.test_subset(50, None, seed=0, device="cpu"), torch.arange(50))
 
 
 # ---------------------------------------------------------------- corruptions and mCE
 
-def write_corruptions(root, images_nhwc, labels, names=iaat.CORRUPTIONS, make=None):
+def write_corruptions(root, images_nhwc, labels, names=iaat_eval.CORRUPTIONS, make=None):
     """Files in the published CIFAR-10-C layout: <name>.npy (5n, H, W, C) uint8, severities
     1-5 stacked in order, and labels.npy (5n,)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,7 @@ def test_corruption_loader_reads_the_published_layout(tmp_path):
     imgs = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     write_corruptions(tmp_path, imgs, [3, 1, 4, 1], names=["fog"],
                       make=lambda im, i, s: np.clip(im.astype(int) + 10 * s, 0, 255))
-    x, y = iaat.load_corruption(tmp_path, "fog")
+    x, y = iaat_eval.load_corruption(tmp_path, "fog")
     assert x.dtype == torch.uint8 and x.shape == (20, 3, 32, 32)
     assert y.tolist() == [3, 1, 4, 1] * 5
     raw = np.load(tmp_path / "fog.npy")
@@ -214,19 +215,19 @@ def test_corruption_loader_rejects_bad_files(tmp_path, damage, message):
     else:
         (tmp_path / "fog.npy").write_bytes(b"")
     with pytest.raises(iaat.IAATError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        iaat.load_corruption(tmp_path, "fog")
+        iaat_eval.load_corruption(tmp_path, "fog")
 
 
 def test_mce_against_alexnet():
-    alex = {c: [e] * 5 for c, e in iaat.ALEXNET_ERR.items()}
-    assert iaat.mean_corruption_error(alex)[0] == pytest.approx(1.0)
-    half = {c: [e / 2 - 0.1, e / 2, e / 2 + 0.1, e / 2, e / 2] for c, e in iaat.ALEXNET_ERR.items()}
-    mce, ce = iaat.mean_corruption_error(half)
+    alex = {c: [e] * 5 for c, e in iaat_eval.ALEXNET_ERR.items()}
+    assert iaat_eval.mean_corruption_error(alex)[0] == pytest.approx(1.0)
+    half = {c: [e / 2 - 0.1, e / 2, e / 2 + 0.1, e / 2, e / 2] for c, e in iaat_eval.ALEXNET_ERR.items()}
+    mce, ce = iaat_eval.mean_corruption_error(half)
     assert mce == pytest.approx(0.5) and ce["fog"] == pytest.approx(0.5)
     assert len(ce) == 15 and "saturate" not in ce  # the 4 extra CIFAR-C corruptions are not in mCE
     del half["snow"]
     with pytest.raises(iaat.IAATError, match="missing snow"):
-        iaat.mean_corruption_error(half)
+        iaat_eval.mean_corruption_error(half)
 
 
 # ---------------------------------------------------------------- the CLI, end to end
@@ -237,8 +238,8 @@ QUICK = ["--whitebox", "5x2,10x2,20x1", "--transfer", "20x1", "--eps-sweep", "0,
 
 def test_eval_cli_runs_the_whole_protocol(runs, tmp_path):
     run, surrogate = runs
-    model, cfg, data, _ = iaat.load_run(run, torch.device("cpu"))
-    idx = iaat.eval_subset(len(data.test_y), 40, seed=0, device="cpu")
+    model, cfg, data, _ = iaat_eval.load_run(run, torch.device("cpu"))
+    idx = iaat_eval.test_subset(len(data.test_y), 40, seed=0, device="cpu")
     # every corruption the clean images, except that severity 5 of each is all black
     imgs = data.test_x[idx].permute(0, 2, 3, 1).numpy()
     write_corruptions(tmp_path / "digits-c", imgs, data.test_y[idx].numpy(),
@@ -289,9 +290,9 @@ def test_eval_eps_sweep_does_not_rise_on_the_whole_test_set(trained):
     """Robust accuracy over test eps (paper Fig 4), 497 images: non-increasing within the noise
     of one sample, and exactly the natural accuracy at eps 0."""
     model, x, y = trained
-    ev = dict(iaat.EVAL_PRESETS["digits"], parts={"eps_sweep"}, targeted="none", n_examples=None,
+    ev = dict(iaat_eval.EVAL_PRESETS["digits"], parts={"eps_sweep"}, targeted="none", n_examples=None,
               seed=0, batch_size=500, sweep_attack=(20, 1))
-    res = iaat.run_evaluation(model, (x * 255).round().to(torch.uint8), y, ev=ev, num_classes=10)
+    res = iaat_eval.run_evaluation(model, (x * 255).round().to(torch.uint8), y, ev=ev, num_classes=10)
     acc = res["eps_sweep"]["acc"]
     assert acc[0] == res["natural"]
     assert all(b <= a + 1 / len(y) for a, b in zip(acc, acc[1:])), acc
@@ -332,19 +333,19 @@ def test_evaluation_runs_in_eval_mode_and_fp32(trained):
     those of the same call on the model in eval mode."""
     model, x, y = trained
     x_u8 = (x[:50] * 255).round().to(torch.uint8)
-    ev = dict(iaat.EVAL_PRESETS["digits"], parts={"whitebox", "steps_sweep"}, targeted="none",
+    ev = dict(iaat_eval.EVAL_PRESETS["digits"], parts={"whitebox", "steps_sweep"}, targeted="none",
               n_examples=None, seed=0, batch_size=20, whitebox=((5, 2),), steps_sweep=(1, 5))
     buffers = {k: v.clone() for k, v in model.state_dict().items()}
     dtypes = set()
     hook = model.register_forward_hook(lambda m, inp, out: dtypes.add(out.dtype))
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        in_train = iaat.run_evaluation(model, x_u8, y[:50], ev=ev, num_classes=10)
+        in_train = iaat_eval.run_evaluation(model, x_u8, y[:50], ev=ev, num_classes=10)
     hook.remove()
     assert dtypes == {torch.float32} and model.training
     model.eval()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
-    in_eval = iaat.run_evaluation(model, x_u8, y[:50], ev=ev, num_classes=10)
+    in_eval = iaat_eval.run_evaluation(model, x_u8, y[:50], ev=ev, num_classes=10)
     for key in ("natural", "whitebox", "steps_sweep"):
         assert in_train[key] == in_eval[key], key
 

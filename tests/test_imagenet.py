@@ -15,6 +15,8 @@ from PIL import Image
 
 from conftest import ROOT
 
+import iaat_eval  # noqa: E402  (after conftest puts the repository on the path)
+
 SCRIPT = ROOT / "imagenet" / "train.py"
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 8, 4
 TINY = ["--arch", "resnet18", "--batch-size", "4", "--image-size", "32", "--resize", "36",
@@ -73,7 +75,7 @@ def test_two_process_bf16_run_writes_checkpoint_metrics_and_evaluation(two):
     out, r = two
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (2, 0)
-    assert ckpt["config"]["amp"] == "bf16" and ckpt["config"]["arch"] == "resnet18"
+    assert ckpt["config"]["amp"] == "bf16" and ckpt["config"]["model"] == "resnet18"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]
     # 24 images, 2 processes x 4: every image trained on once per epoch
@@ -184,10 +186,9 @@ def test_selection_uses_the_weaker_attack(monkeypatch):
 def imagenet_c(tmp_path_factory):
     """ImageNet-C's layout (<corruption>/<severity>/<class>/), 2 JPEGs per class; every other
     corruption holds each class's images under the next class's label."""
-    import iaat
     root = tmp_path_factory.mktemp("imagenet-c")
-    swapped = list(iaat.ALEXNET_ERR)[::2]
-    for name in iaat.ALEXNET_ERR:
+    swapped = list(iaat_eval.ALEXNET_ERR)[::2]
+    for name in iaat_eval.ALEXNET_ERR:
         for severity in range(1, 6):
             for c in range(CLASSES):
                 shown = (c + 1) % CLASSES if name in swapped else c
@@ -199,7 +200,6 @@ def imagenet_c(tmp_path_factory):
 def test_mce_of_a_colour_classifier_is_exact(imagenet_c):
     """A model that names an image's strongest colour channel is right on every unswapped
     image and wrong on every swapped one: CE_c is 1 / AlexNet's error or 0."""
-    import iaat
     root, swapped = imagenet_c
     m = load_script()
     c = m.ImageNetConfig(data="x", imagenet_c=str(root), image_size=32, workers=0)
@@ -209,20 +209,19 @@ def test_mce_of_a_colour_classifier_is_exact(imagenet_c):
                                  torch.nn.BatchNorm1d(3, affine=False)).train()
     mce, ce = m.corruption_errors(c, colour, torch.device("cpu"))
     assert colour.training and colour[2].running_mean.abs().max() == 0  # left as found
-    want = {name: (1.0 if name in swapped else 0.0) / iaat.ALEXNET_ERR[name]
-            for name in iaat.ALEXNET_ERR}
+    want = {name: (1.0 if name in swapped else 0.0) / iaat_eval.ALEXNET_ERR[name]
+            for name in iaat_eval.ALEXNET_ERR}
     assert ce == pytest.approx(want)
     assert mce == pytest.approx(np.mean(list(want.values())))
 
 
 def test_evaluate_only_adds_the_mce_column(two, imagenet, imagenet_c):
-    import iaat
     out, _ = two
     r = run("--data", imagenet, "--out", out, "--evaluate-only", "--imagenet-c", imagenet_c[0],
             "--image-size", "32", "--resize", "36", "--eval-steps", "2", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((out / "eval.json").read_text())
-    assert set(result["ce"]) == set(iaat.ALEXNET_ERR)
+    assert set(result["ce"]) == set(iaat_eval.ALEXNET_ERR)
     assert result["mce"] == pytest.approx(np.mean(list(result["ce"].values())))
     assert result["epoch"] == 2 and result["pgd_steps"] == 2
 

@@ -1,4 +1,4 @@
-"""The speed techniques of DESIGN section 7 are exact where they claim to be: the selection's
+"""The speed techniques of docs/design.md are exact where they claim to be: the selection's
 subset and early exit give plain Algorithm 2's eps, mixed-precision attacks keep the eps bound,
 fp16 loss scaling keeps every gradient sign fp32 has, and the speed flags train and resume."""
 import copy
@@ -10,12 +10,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import iaat
+import iaat_eval
+import iaat_fp16
 from conftest import tiny_cnn
 
 
 def input_grad(model, x, y, precision, scale):
     with torch.autocast("cpu", dtype=precision, enabled=precision is not None):
-        _, grad, used = iaat._input_grad(model, x, y, False, scale)
+        _, grad, used = iaat_fp16.fp16_input_grad(model, x, y, False, scale)
     return grad, used
 
 
@@ -45,14 +47,14 @@ def test_fp16_loss_scaling_keeps_every_sign_fp32_has(monkeypatch):
     model, x, y = spread_problem()
     ref, _ = input_grad(model, x, y, None, 1.0)
     assert (ref != 0).all()  # fp32 moves every pixel
-    scaled, _ = input_grad(model, x, y, torch.float16, iaat.FP16_LOSS_SCALE)
+    scaled, _ = input_grad(model, x, y, torch.float16, iaat_fp16.FP16_LOSS_SCALE)
     assert not (scaled.sign() == 0).any()
     assert torch.equal(scaled.sign(), ref.sign())
     # the test can fail: without loss scaling fp16 loses the confident samples' gradients,
     assert (unscaled_fp16_grad(model, x, y) == 0).sum() > 1000
     # and so does one factor for the whole batch, which the unsure samples hold down
-    monkeypatch.setattr(iaat, "_couples_samples", lambda model: True)
-    batch_scaled, _ = input_grad(model, x, y, torch.float16, iaat.FP16_LOSS_SCALE)
+    monkeypatch.setattr(iaat_fp16, "_couples_samples", lambda model: True)
+    batch_scaled, _ = input_grad(model, x, y, torch.float16, iaat_fp16.FP16_LOSS_SCALE)
     assert (batch_scaled == 0).sum() > 1000
 
 
@@ -62,8 +64,8 @@ def test_fp16_scaling_survives_margins_near_fp32s_limit(top):
     the scaling (in float64) neither overflows to inf nor lowers the scale for the batch."""
     model, x, y = spread_problem(top)
     ref, _ = input_grad(model, x, y, None, 1.0)
-    scaled, used = input_grad(model, x, y, torch.float16, iaat.FP16_LOSS_SCALE)
-    assert torch.isfinite(scaled).all() and used == iaat.FP16_LOSS_SCALE
+    scaled, used = input_grad(model, x, y, torch.float16, iaat_fp16.FP16_LOSS_SCALE)
+    assert torch.isfinite(scaled).all() and used == iaat_fp16.FP16_LOSS_SCALE
     moves = ref != 0  # fp32 itself loses the most confident samples here
     assert moves.float().mean() > 0.5
     assert torch.equal(scaled.sign()[moves], ref.sign()[moves])
@@ -76,8 +78,8 @@ def test_fp16_targeted_and_untargeted_signs_match_fp32(targeted):
     target = (y + 1) % 10
     labels = target if targeted else y
     with torch.autocast("cpu", dtype=torch.float16):
-        _, grad, _ = iaat._input_grad(model, x, labels, targeted)
-    _, ref, _ = iaat._input_grad(model, x, labels, targeted)
+        _, grad, _ = iaat_fp16.fp16_input_grad(model, x, labels, targeted)
+    _, ref, _ = iaat_fp16.fp16_input_grad(model, x, labels, targeted)
     moves = ref != 0
     assert moves.float().mean() > 0.9
     assert not (grad == 0)[moves].any()
@@ -102,7 +104,7 @@ def test_fp16_loss_scaling_on_a_confident_conv_net():
     exact_loss = F.cross_entropy(copy.deepcopy(model).double()(exact_x), y, reduction="sum")
     exact, = torch.autograd.grad(exact_loss, exact_x)
     fp32, _ = input_grad(model, x, y, None, 1.0)
-    scaled, _ = input_grad(model, x, y, torch.float16, iaat.FP16_LOSS_SCALE)
+    scaled, _ = input_grad(model, x, y, torch.float16, iaat_fp16.FP16_LOSS_SCALE)
     assert (fp32 != 0).all()
     assert (unscaled_fp16_grad(model, x, y) == 0).all()  # fp16 alone: no pixel would move
     # fp16's own rounding (a ReLU flipped, a sum cancelled) may zero a stray pixel
@@ -117,8 +119,8 @@ def test_fp16_overflow_lowers_the_scale_and_the_gradient_stays_finite():
         model[1].weight.mul_(1e3 / model[1].weight.abs().max())
     x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 10, (16,))
     ref, _ = input_grad(model, x, y, None, 1.0)
-    grad, used = input_grad(model, x, y, torch.float16, iaat.FP16_LOSS_SCALE)
-    assert used < iaat.FP16_LOSS_SCALE
+    grad, used = input_grad(model, x, y, torch.float16, iaat_fp16.FP16_LOSS_SCALE)
+    assert used < iaat_fp16.FP16_LOSS_SCALE
     assert torch.isfinite(grad).all()
     assert (grad.sign() == ref.sign()).float().mean() > 0.99
 
@@ -149,10 +151,10 @@ def test_subset_and_early_exit_give_plain_algorithm_2(monkeypatch):
     x, y = torch.rand(n, 3, 8, 8), torch.randint(0, 10, (n,))
     noise = torch.rand(n, 3, 8, 8) * 2 - 1
 
-    def table_start(xs, eps, random_start):
+    def table_start(xs, eps):
         rows = (xs.flatten(1)[:, None, :] == x.flatten(1)[None]).all(2).float().argmax(1)
         return (xs + noise[rows] * eps).clamp(0, 1)
-    monkeypatch.setattr(iaat, "_random_start", table_start)
+    monkeypatch.setattr(iaat, "uniform_start", table_start)
     prev, gamma, beta, steps, step = torch.rand(n) * 0.08, 0.02, 0.3, 8, 0.01
     fast = iaat.select_epsilon(model, x, y, prev, gamma=gamma, beta=beta, steps=steps,
                                step_size=step)
@@ -172,8 +174,8 @@ def test_autocast_follows_the_flag():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     with iaat.autocast(iaat.make_config(), cpu):
         assert not torch.is_autocast_enabled("cpu")
-    assert not iaat.channels_last(iaat.make_config(amp="bf16"), cpu)  # auto: CUDA only
-    assert iaat.channels_last(iaat.make_config(channels_last="on"), cpu)
+    assert not iaat.uses_channels_last(iaat.make_config(amp="bf16"), cpu)  # auto: CUDA only
+    assert iaat.uses_channels_last(iaat.make_config(channels_last="on"), cpu)
 
 
 @pytest.mark.parametrize("flags", [dict(amp="fp16", channels_last="on"), dict(amp="bf16")])
@@ -201,7 +203,7 @@ def test_a_config_saved_before_the_speed_flags_still_matches(tmp_path):
                  "select_step_size"):
         del old[name]
     path.write_text(json.dumps(old))
-    assert iaat.train_or_load(cfg, train_missing=False)["epochs"] == 1
+    assert iaat_eval.train_or_load(cfg, train_missing=False)["epochs"] == 1
 
 
 def test_compiled_model_trains_and_saves_the_plain_weights(tmp_path):

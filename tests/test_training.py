@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import iaat
+import iaat_eval
 from conftest import ROOT, run_cli, tiny_cnn
 
 QUICK = ["--epochs", "3", "--warmup", "1", "--n-train", "192", "--eval-subset", "100",
@@ -67,9 +68,9 @@ def test_train_step_minimises_the_alg1_loss():
     x_in = iaat.training_inputs(ref, x, y, torch.full((64,), cfg.eps_w), correct, cfg)
     want = F.cross_entropy(ref.train()(x_in), y)
     assert not torch.isclose(want, F.cross_entropy(ref(x), y))  # the attack matters
-    opt, _ = iaat.make_optimizer(model, cfg)
+    s = iaat.make_state(model, cfg, 64)  # epoch 0: warmup, eps_w for everyone in S+
     torch.manual_seed(5)
-    stats = iaat.train_step(model, opt, x, y, torch.arange(64), torch.zeros(64), 0, cfg)
+    stats = iaat.train_step(s, x, y, torch.arange(64), cfg)
     torch.testing.assert_close(stats["loss"] / 64, want.detach())
     assert stats["clean_acc"] == 44 and any(p.grad is not None for p in model.parameters())
 
@@ -121,8 +122,8 @@ def test_short_run_writes_every_output(tmp_path):
 def _final_state(out):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        row.pop("seconds")
+    for row in rows:  # the timings
+        row.pop("seconds"), row.pop("images_per_second")
     summary = json.loads((out / "summary.json").read_text())
     summary.pop("train_seconds"), summary.pop("run")
     return ckpt, rows, summary, np.load(out / "eps_history.npy")
@@ -205,10 +206,10 @@ def test_line_search_variant_trains(tmp_path):
 def test_train_or_load_reads_a_finished_run_and_trains_an_unfinished_one(tmp_path):
     cfg = iaat.make_config("digits", epochs=1, n_train=64, eval_subset=20, eval_steps=2,
                            out=str(tmp_path / "run"))
-    first = iaat.train_or_load(cfg)
+    first = iaat_eval.train_or_load(cfg)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     stamp = ckpt.stat().st_mtime_ns
-    assert iaat.train_or_load(cfg) == first and ckpt.stat().st_mtime_ns == stamp  # read, not rerun
-    longer = iaat.train_or_load(iaat.make_config("digits", epochs=2, n_train=64, eval_subset=20,
+    assert iaat_eval.train_or_load(cfg) == first and ckpt.stat().st_mtime_ns == stamp  # read, not rerun
+    longer = iaat_eval.train_or_load(iaat.make_config("digits", epochs=2, n_train=64, eval_subset=20,
                                                  eval_steps=2, out=str(tmp_path / "run")))
     assert longer["epochs"] == 2 and ckpt.stat().st_mtime_ns != stamp  # resumed to epoch 2
