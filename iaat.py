@@ -15,9 +15,8 @@ survives a larger attack and shrinks it where another class lies close by (paper
     python iaat.py eval runs/digits-smallcnn-iaat-seed0      # the paper's evaluation (iaat_eval.py)
     torchrun --nproc_per_node=8 imagenet/train.py --data DIR # ImageNet, Table 11 (its README)
 
-Measured (README; digits preset, seeds 0-2, 2-core CPU, 30 epochs, PGD-20 at 51/255):
-IAAT natural 0.984 +- 0.000, PGD 0.563 +- 0.020; PGD-AT natural 0.968 +- 0.002, PGD 0.557 +-
-0.019; 53-75 s of training per IAAT run.
+Measured (README; digits, seeds 0-2, 2-core CPU, 30 epochs, PGD-20 at 51/255): IAAT natural
+0.984 +- 0.000, PGD 0.563 +- 0.020; PGD-AT 0.968 +- 0.002, 0.557 +- 0.019; ~1 min a run.
 
 Images live in [0,1] with normalisation inside the model, so every eps, gamma and step in
 the Python API is in pixel units; the CLI takes the paper's 0-255 units. Sections: config;
@@ -47,7 +46,6 @@ import torch.nn.functional as F
 
 PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
 
-
 # ============================================================================================
 # Config and the paper's presets
 # ============================================================================================
@@ -55,11 +53,9 @@ PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
 class IAATError(Exception):
     """A user-facing error: the CLI prints its message on one line and exits non-zero."""
 
-
 def option(default, help: str, unit: str = ""):
     """A config field whose help becomes its --help text; unit='/255' is entered in 0-255."""
     return field(default=default, metadata={"help": help, "unit": unit})
-
 
 @dataclass
 class Config:
@@ -113,7 +109,6 @@ class Config:
     download: bool = option(True, "download CIFAR when it is missing")
     device: str = option("auto", "auto (cuda if available), cpu or cuda")
     save_every: int = option(0, "also checkpoint every N training steps (0: at epoch ends only)")
-    log_every: int = option(0, "log loss, accuracy, eps and images/s every N steps (0: never)")
     plot_every: int = option(10, "rewrite the plots every N epochs (always at the end)")
     # speed: amp changes the arithmetic; the others change no number that matters
     amp: str = option("none", "precision of training and its attacks: none (fp32), bf16 or fp16 "
@@ -123,9 +118,8 @@ class Config:
     cudnn_benchmark: bool = option(True, "let cuDNN time its convolution algorithms (CUDA only)")
 
     RUNTIME: ClassVar[frozenset] = frozenset({  # may change between a run and its resumption
-        "out", "data_root", "download", "device", "save_every", "log_every", "plot_every",
+        "out", "data_root", "download", "device", "save_every", "plot_every",
         "epochs", "eval_batch", "channels_last", "compile", "cudnn_benchmark"})
-
 
 # Paper Table 10 for CIFAR. Digits is this project's calibration (README): the paper's ratios
 # gamma = step = eps_w / 4 at eps_w = 0.2, the largest radius at which PGD-AT still trains our
@@ -144,7 +138,6 @@ CHOICES = {"dataset": ("digits", "cifar10", "cifar100"), "model": ("smallcnn", "
            "method": ("iaat", "at", "clean"), "attack_bn": ("train", "eval"), "amp": tuple(AMP),
            "channels_last": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda")}
 
-
 def make_config(dataset: str = "digits", model: Optional[str] = None, **overrides) -> Config:
     """Config for a dataset and model: dataclass defaults < paper preset < explicit overrides."""
     values = dict(PRESETS["digits"]) if dataset == "digits" else {"model": "resnet18"}
@@ -156,14 +149,12 @@ def make_config(dataset: str = "digits", model: Optional[str] = None, **override
     values.update({k: v for k, v in overrides.items() if v is not None})
     return check_config(Config(dataset=dataset, **values))
 
-
 def shorten(cfg: Config, epochs: Optional[int]) -> Config:
     """The same run in `epochs` epochs with its LR milestones scaled; None: as it is."""
     if not epochs:
         return cfg
     milestones = tuple(round(m * epochs / cfg.epochs) for m in cfg.lr_milestones)
     return check_config(dataclasses.replace(cfg, epochs=epochs, lr_milestones=milestones))
-
 
 def check_config(cfg: Config) -> Config:
     """`cfg`, if its settings can be right; else IAATError with a one-line reason."""
@@ -176,9 +167,8 @@ def check_config(cfg: Config) -> Config:
                  "momentum", "step_rel"):
         value = getattr(cfg, name)
         if value is not None and not 0 <= value < math.inf:
-            unit = "/255" if isinstance(value, float) and name in _UNITS else ""
             raise IAATError(f"--{name.replace('_', '-')} must be a finite number >= 0, got "
-                            f"{_show(name, value)}{unit}")
+                            f"{_show(name, value)}{'/255' if name in _UNITS else ''}")
     for name in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_batch", "eval_subset",
                  "select_steps"):
         value = getattr(cfg, name)
@@ -188,16 +178,14 @@ def check_config(cfg: Config) -> Config:
             (not 0 < cfg.beta <= 1, f"--beta must be in (0, 1], got {cfg.beta}"),
             (cfg.eps_max is not None and cfg.eps_max < cfg.eps_min, "--eps-max must be >= --eps-min"),
             (not 0 < cfg.lr < math.inf, f"--lr must be a finite number > 0, got {cfg.lr}"),
-            (min(cfg.warmup, cfg.save_every, cfg.log_every) < 0 or (cfg.n_train or 1) < 1,
-             "--warmup, --save-every, --log-every and --n-train must not be negative"),
+            (min(cfg.warmup, cfg.save_every) < 0 or (cfg.n_train or 1) < 1,
+             "--warmup, --save-every and --n-train must not be negative"),
             (cfg.line_search and cfg.line_eta <= 0, "--line-eta must be > 0 with --line-search")):
         if wrong:
             raise IAATError(message)
     return cfg
 
-
 _UNITS = {f.name for f in dataclasses.fields(Config) if f.metadata["unit"]}  # typed as x/255
-
 
 def _show(name: str, value, unit: Optional[bool] = None) -> str:
     """A value in the CLI's units, as a user types it: '8' for 8/255, '13 17' for a tuple."""
@@ -207,29 +195,26 @@ def _show(name: str, value, unit: Optional[bool] = None) -> str:
         return f"{value * PIXEL:g}"
     return "preset" if value is None and name == "model" else str(value)
 
-
 def _changed(cfg: Config, skip=Config.RUNTIME) -> list:
     """(name, value) of every setting that differs from the dataset and model's preset."""
     preset = make_config(cfg.dataset, cfg.model, method=cfg.method, seed=cfg.seed)
     return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(Config)
             if f.name not in skip and getattr(cfg, f.name) != getattr(preset, f.name)]
 
-
 def run_dir(cfg: Config) -> Path:
     """--out, or runs/<dataset>-<model>-<method>-seed<seed>, plus one tag per setting that
     differs from the preset (e.g. -warmup0), so different commands never share a folder."""
     if cfg.out:
         return Path(cfg.out)
-    tags = [(k if v else f"no_{k}") if isinstance(v, bool) else f"{k}None" if v is None else
-            k + ("_".join(map(str, v)) if isinstance(v, tuple) else _show(k, v))
-            for k, v in _changed(cfg)]
+    tags = [(k if v else f"no_{k}") if isinstance(v, bool) else k + (
+        "None" if v is None else "_".join(map(str, v)) if isinstance(v, tuple) else _show(k, v))
+        for k, v in _changed(cfg)]
     name = f"{cfg.dataset}-{cfg.model}-{cfg.method}-seed{cfg.seed}" + "".join(f"-{t}" for t in tags)
     if len(name) > 120:  # too many overrides to spell out: a stable short hash instead
         import hashlib
         name = name[:name.index("-seed")] + f"-seed{cfg.seed}-" + \
             hashlib.sha1("".join(tags).encode()).hexdigest()[:10]
     return Path("runs") / name
-
 
 def command_line(cfg: Config, script: str = "iaat.py") -> str:
     """The `python iaat.py ...` command that trains `cfg`: its dataset, method and seed, and
@@ -243,7 +228,6 @@ def command_line(cfg: Config, script: str = "iaat.py") -> str:
         elif value is not None:
             words += [flag, _show(name, value)]
     return " ".join(words)
-
 
 # ============================================================================================
 # Data: whole datasets as uint8 tensors on the device, augmented in batches there
@@ -265,7 +249,6 @@ class Data:
         return dataclasses.replace(self, **{k: v.to(device) for k, v in vars(self).items()
                                             if torch.is_tensor(v)})
 
-
 def load_digits(split_seed: int = 0, n_test: int = 497) -> Data:
     """scikit-learn's UCI handwritten digits (1797 8x8 images, 17 gray levels), fixed split."""
     from sklearn.datasets import load_digits as sk_digits
@@ -275,7 +258,6 @@ def load_digits(split_seed: int = 0, n_test: int = 497) -> Data:
     tr_x, te_x, tr_y, te_y = train_test_split(images, d.target, test_size=n_test,
                                               random_state=split_seed, stratify=d.target)
     return _data_from_numpy(tr_x, tr_y, te_x, te_y, 10, "digits")
-
 
 def load_cifar(name: str, root: str, download: bool) -> Data:
     """CIFAR-10/100 through torchvision's own classes (download, checksum, pickle format)."""
@@ -292,7 +274,6 @@ def load_cifar(name: str, root: str, download: bool) -> Data:
     return _data_from_numpy(as_nchw(train), train.targets, as_nchw(test), test.targets,
                             len(train.classes), "cifar")
 
-
 def _data_from_numpy(tr_x, tr_y, te_x, te_y, num_classes: int, augmentation: str) -> Data:
     train_x = torch.as_tensor(tr_x, dtype=torch.uint8)
     pixels = train_x.float().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
@@ -300,7 +281,6 @@ def _data_from_numpy(tr_x, tr_y, te_x, te_y, num_classes: int, augmentation: str
                 torch.as_tensor(te_x, dtype=torch.uint8),
                 torch.as_tensor(np.asarray(te_y), dtype=torch.long), num_classes,
                 tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist()), augmentation)
-
 
 def load_data(cfg: Config, device) -> Data:
     data = (load_digits(cfg.split_seed) if cfg.dataset == "digits"
@@ -310,10 +290,8 @@ def load_data(cfg: Config, device) -> Data:
                                    train_y=data.train_y[:cfg.n_train])
     return data.to(device)
 
-
 def to_float(x_u8: torch.Tensor) -> torch.Tensor:
     return x_u8.float().div_(255)
-
 
 def augment(x_u8: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
     """Batched random crop (+ flip for CIFAR) on the device; returns floats in [0,1].
@@ -334,11 +312,9 @@ def augment(x_u8: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x
 
-
 def epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
     """The data order and augmentation of one epoch depend on (seed, epoch) only."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
-
 
 # ============================================================================================
 # Models: normalisation lives inside the model, so every eps is in pixel units
@@ -352,7 +328,6 @@ class Normalize(nn.Module):
 
     def forward(self, x):
         return (x - self.mean) / self.std
-
 
 class SmallCNN(nn.Module):
     """A small conv net with BatchNorm for the 8x8 digits (any input size works)."""
@@ -368,7 +343,6 @@ class SmallCNN(nn.Module):
     def forward(self, x):
         return self.net(x)
 
-
 class PreActBlock(nn.Module):
     """BN-ReLU-conv x2 with a 1x1 projection shortcut where the shape changes (He et al. 2016)."""
     def __init__(self, cin: int, cout: int, stride: int):
@@ -383,7 +357,6 @@ class PreActBlock(nn.Module):
         out = F.relu(self.bn1(x))
         skip = self.shortcut(out) if self.shortcut is not None else x
         return self.conv2(F.relu(self.bn2(self.conv1(out)))) + skip
-
 
 class PreActNet(nn.Module):
     """conv, stages of PreActBlocks (width, stride, blocks), BN-ReLU, global pool, linear."""
@@ -402,11 +375,9 @@ class PreActNet(nn.Module):
         out = F.relu(self.bn(self.layers(self.conv1(x))))
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
-
 def PreActResNet18(num_classes: int = 10, in_ch: int = 3) -> PreActNet:
     """PreAct ResNet-18 (He et al. 2016), the CIFAR 'ResNet-18' of adversarial training papers."""
     return PreActNet([(64, 1, 2), (128, 2, 2), (256, 2, 2), (512, 2, 2)], num_classes, in_ch, 64)
-
 
 def WideResNet(depth: int = 34, width: int = 10, num_classes: int = 10, in_ch: int = 3):
     """WideResNet (Zagoruyko & Komodakis), (depth - 4) / 6 blocks per stage. The paper's
@@ -418,7 +389,6 @@ def WideResNet(depth: int = 34, width: int = 10, num_classes: int = 10, in_ch: i
     return PreActNet([(16 * width, 1, n), (32 * width, 2, n), (64 * width, 2, n)], num_classes,
                      in_ch, 16)
 
-
 def build_model(name: str, num_classes: int, mean, std) -> nn.Module:
     """Normalize(mean, std) followed by the named network; takes images in [0,1]."""
     nets = {"smallcnn": lambda: SmallCNN(len(mean), num_classes),
@@ -428,7 +398,6 @@ def build_model(name: str, num_classes: int, mean, std) -> nn.Module:
         raise IAATError(f"unknown model {name!r}; choose from {', '.join(nets)}")
     return nn.Sequential(Normalize(mean, std), nets[name]())
 
-
 # ============================================================================================
 # THE CORE: L-inf PGD with a radius per sample, and paper Algorithm 2. Copy from this banner
 # to "end of the core" into a file with these imports; it uses no other name of this file:
@@ -436,7 +405,6 @@ def build_model(name: str, num_classes: int, mean, std) -> nn.Module:
 #   import torch; import torch.nn as nn; import torch.nn.functional as F
 # fp32, or bf16 under the caller's torch.autocast; fp16: grad_fn=iaat_fp16.fp16_input_grad.
 # ============================================================================================
-
 
 @contextmanager
 def model_mode(model: nn.Module, training: bool):
@@ -449,7 +417,6 @@ def model_mode(model: nn.Module, training: bool):
         for m, mode in was.items():
             m.training = mode
 
-
 def per_sample(v, x: torch.Tensor) -> torch.Tensor:
     """A float or a (B,) tensor as a (B,1,1,1) tensor broadcastable against x."""
     v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
@@ -458,21 +425,17 @@ def per_sample(v, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected a float or a tensor of shape ({x.shape[0]},), got {tuple(v.shape)}")
     return v.view(-1, *([1] * (x.dim() - 1)))
 
-
 def step_per_sample(step_size, eps: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The per-sample step: a float, a (B,) tensor, or a rule applied to the per-sample eps."""
     return per_sample(step_size(eps.flatten()) if callable(step_size) else step_size, x)
-
 
 def ball(x, eps) -> tuple:
     """The L-inf ball around x within [0,1] as a box [lo, hi]: each projection is one clamp."""
     return (x - eps).clamp_(min=0), (x + eps).clamp_(max=1)
 
-
 def uniform_start(x, eps):
     """Uniform in the eps-ball, clamped to [0,1] (the official code does not clamp)."""
     return (x + (torch.rand_like(x) * 2 - 1) * eps).clamp_(0, 1)
-
 
 def input_grad(model, x_adv, y, targeted: bool = False, state=None):
     """(logits, d(summed cross-entropy)/d(input), state), with no parameter .grad: the attacks'
@@ -483,7 +446,6 @@ def input_grad(model, x_adv, y, targeted: bool = False, state=None):
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
         grad, = torch.autograd.grad(-loss if targeted else loss, x_adv)
         return logits.detach(), grad, state
-
 
 def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps: int = 10,
                step_size=2 / 255, random_start: bool = True, targeted: bool = False,
@@ -518,7 +480,6 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps
         best_win, best_obj = best_win | win, torch.where(new, obj, best_obj)
     return best
 
-
 def pgd_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps: int = 10,
                step_size=2 / 255, early_exit: bool = True,
                grad_fn: Optional[Callable] = None) -> torch.Tensor:
@@ -552,7 +513,6 @@ def pgd_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps
                                                  for v in (alive, x_adv, y, lo, hi, step))
     return fooled
 
-
 def select_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_prev: torch.Tensor, *,
                    gamma: float, beta: float, steps: int = 10, step_size=2 / 255,
                    eps_min: float = 0.0, eps_max: Optional[float] = None,
@@ -580,13 +540,11 @@ def select_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_prev:
 
 # ------------------------------------- end of the core --------------------------------------
 
-
 # ============================================================================================
 # Algorithm 1: one training step (and the PGD-AT and clean baselines)
 # ============================================================================================
 
 Step = Union[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]  # a step per sample
-
 
 def line_search_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eta: float,
                         eps_max: float, steps: int = 10, step_size: Step = 2 / PIXEL,
@@ -607,7 +565,6 @@ def line_search_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, e
             todo = todo[fooled]
     return eps.clamp(min=eps_min)
 
-
 def attack_settings(cfg: Config, steps: Optional[int] = None) -> dict:
     """steps, step_size and grad_fn of the training attack (Table 10: a fixed step, or
     step_rel * eps_i / k), or of another attack with `steps`; fp16: loss-scaled gradients."""
@@ -617,7 +574,6 @@ def attack_settings(cfg: Config, steps: Optional[int] = None) -> dict:
         return {"steps": steps, "step_size": step, "grad_fn": None}
     from iaat_fp16 import fp16_input_grad  # the fp16 extension, beside this file
     return {"steps": steps, "step_size": step, "grad_fn": fp16_input_grad}
-
 
 def choose_epsilon(model, x, y, idx, mem: torch.Tensor, epoch: int, cfg: Config) -> torch.Tensor:
     """Alg 1 l.3-6: eps_w in warmup, otherwise Alg 2 (or the line search); updates mem[idx].
@@ -636,12 +592,10 @@ def choose_epsilon(model, x, y, idx, mem: torch.Tensor, epoch: int, cfg: Config)
     mem[idx] = eps
     return eps
 
-
 def clean_correct(model, x, y) -> torch.Tensor:
     """Alg 1 l.9-10: S+ = samples classified correctly on the clean input (eval mode)."""
     with torch.no_grad(), model_mode(model, False):
         return model(x).argmax(1) == y
-
 
 def training_inputs(model, x, y, eps: torch.Tensor, correct: torch.Tensor, cfg: Config):
     """Alg 1 l.7-11 as one batch: x_adv_i (PGD at eps_i) for S+, the clean x_i for S-.
@@ -649,7 +603,6 @@ def training_inputs(model, x, y, eps: torch.Tensor, correct: torch.Tensor, cfg: 
     this batch is exactly the loss of Alg 1 l.11."""
     with model_mode(model, cfg.attack_bn == "train"):
         return pgd_attack(model, x, y, eps * correct, **attack_settings(cfg))
-
 
 @dataclass
 class TrainState:
@@ -664,7 +617,6 @@ class TrainState:
     visits: torch.Tensor  # how many times Alg 2 updated each image
     epoch: int = 0        # epochs done
     step: int = 0         # steps done in the current epoch
-
 
 def train_step(s: TrainState, x, y, idx, cfg: Config) -> dict:
     """One SGD step of IAAT (Alg 1), PGD-AT (everyone in S+ at eps_w) or clean training at
@@ -687,7 +639,6 @@ def train_step(s: TrainState, x, y, idx, cfg: Config) -> dict:
                  "eps": eps.sum(), "n": torch.tensor(len(y), device=y.device)}
         return dict(stats, clean_acc=correct.sum()) if cfg.method == "iaat" else stats
 
-
 def optimizer_step(opt, loss: torch.Tensor, scaler=None) -> None:
     """Backward and SGD step; through the fp16 GradScaler when one is enabled."""
     opt.zero_grad(set_to_none=True)
@@ -699,16 +650,13 @@ def optimizer_step(opt, loss: torch.Tensor, scaler=None) -> None:
         loss.backward()
         opt.step()
 
-
 def autocast(cfg: Config, device: torch.device):
     """torch.autocast in --amp's dtype (disabled for none). The attacks inside run in it too."""
     return torch.autocast(device.type, dtype=AMP[cfg.amp], enabled=AMP[cfg.amp] is not None)
 
-
 def uses_channels_last(cfg: Config, device: torch.device) -> bool:
     return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda"
                                          and cfg.amp != "none")
-
 
 def make_state(model: nn.Module, cfg: Config, n: int, opt=None, sched=None) -> TrainState:
     """A fresh run's state: the model with the speed settings that change no algorithm
@@ -735,7 +683,6 @@ def make_state(model: nn.Module, cfg: Config, n: int, opt=None, sched=None) -> T
                       torch.full((n,), eps_init, device=device),
                       torch.zeros(n, dtype=torch.int32, device=device))
 
-
 # ============================================================================================
 # torchrun: processes, shards of each global batch, one consistent eps memory
 # ============================================================================================
@@ -751,13 +698,11 @@ class Dist:
     def main(self) -> bool:  # rank 0 alone logs and writes files
         return self.rank == 0
 
-
 def current_dist() -> Dist:
     import torch.distributed as tdist
     if not (tdist.is_available() and tdist.is_initialized()):
         return Dist()
     return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """auto: this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
@@ -769,7 +714,6 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         raise IAATError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
                         "run one process per GPU")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
 
 def init_distributed(device_name: str) -> bool:
     """Join the process group when torchrun started us with more than one process (it sets
@@ -794,13 +738,11 @@ def init_distributed(device_name: str) -> bool:
         tdist.init_process_group(backend)
     return True
 
-
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all processes (in place); a no-op in a single process."""
     if current_dist().world > 1:
         torch.distributed.all_reduce(t)
     return t
-
 
 def any_process(flag: bool, device) -> bool:
     """True on every process if it is true on one (all processes stop at the same step)."""
@@ -808,12 +750,10 @@ def any_process(flag: bool, device) -> bool:
         return flag
     return bool(all_sum(torch.tensor([float(flag)], device=device)) > 0)
 
-
 def shard(chunk: torch.Tensor, d: Dist) -> torch.Tensor:
     """This process's part of a global batch: contiguous, disjoint, sizes differ by at most
     one, so the per-process batch is global batch / world and every index is visited once."""
     return chunk.tensor_split(d.world)[d.rank]
-
 
 def sync_memory(mem: torch.Tensor, visits: torch.Tensor, idx: torch.Tensor, width: int) -> None:
     """After a step each process has written eps for its own samples `idx` into its copy of
@@ -833,14 +773,12 @@ def sync_memory(mem: torch.Tensor, visits: torch.Tensor, idx: torch.Tensor, widt
         mem[idx] = vals[ids >= 0]
     visits.index_add_(0, idx, torch.ones_like(idx, dtype=visits.dtype))
 
-
 def sync_buffers(model: nn.Module) -> None:
     """Give every process rank 0's buffers (BatchNorm statistics): each process updated them
     on its own shard, and the evaluated and saved model must be one model."""
     if current_dist().world > 1:
         for b in model.buffers():
             torch.distributed.broadcast(b, 0)
-
 
 def gather_everywhere(value) -> list:
     """Every process's `value` (a small picklable object), in rank order, on every process."""
@@ -849,7 +787,6 @@ def gather_everywhere(value) -> list:
         return [value]
     torch.distributed.all_gather_object(everyone, value)
     return everyone
-
 
 def same_everywhere(value, what: str) -> list:
     """Every process's `value`; IAATError on every process if they differ (e.g. where each one
@@ -860,13 +797,11 @@ def same_everywhere(value, what: str) -> list:
                         "filesystem all of them share?")
     return everyone
 
-
 # ============================================================================================
 # Checkpoints and resume: atomic writes, weights_only loading, one folder per run
 # ============================================================================================
 
 OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "eps_history.npy", "summary.json", "config.json")
-
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Write through a temporary file in the same folder, then rename over `path`: a kill at
@@ -880,14 +815,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
-
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
 
-
 def config_dict(cfg: Config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-
 
 def save_checkpoint(path: Path, cfg: Config, s: TrainState, totals: dict,
                     gen: Optional[torch.Generator] = None) -> None:
@@ -903,7 +835,6 @@ def save_checkpoint(path: Path, cfg: Config, s: TrainState, totals: dict,
             "scaler": s.scaler.state_dict(), "eps_memory": s.mem.cpu(),
             "eps_visits": s.visits.cpu(), "rng": {k: v for k, v in rng.items() if v is not None}}
     atomic_write(path, lambda p: torch.save(ckpt, p))
-
 
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint read with weights_only=True and checked field by field; IAATError if not."""
@@ -922,14 +853,12 @@ def read_checkpoint(path: Path) -> dict:
                         f"{', '.join(bad) or 'format 1'})")
     return ckpt
 
-
 def changed_setting(cfg: Config, saved: dict) -> Optional[str]:
     """The first setting (not a runtime one) in which `cfg` differs from a saved config, or
     None; a setting saved before it existed counts as its default."""
     mine, fields = config_dict(cfg), type(cfg).__dataclass_fields__
     return next((k for k in mine if k not in cfg.RUNTIME and
                  mine[k] != saved.get(k, fields[k].default)), None)
-
 
 def open_run(out: Path, cfg: Config) -> Optional[dict]:
     """The run folder's checkpoint, checked against `cfg`, or None for a fresh run; IAATError
@@ -951,7 +880,6 @@ def open_run(out: Path, cfg: Config) -> Optional[dict]:
                         f"run has {k}={config_dict(cfg)[k]!r}; rerun with the same settings or "
                         "choose another --out")
     return ckpt
-
 
 def restore(ckpt: dict, path: Path, s: TrainState, data_state: bool = True) -> dict:
     """Load a checked checkpoint into the state; returns the epoch's running totals.
@@ -978,7 +906,6 @@ def restore(ckpt: dict, path: Path, s: TrainState, data_state: bool = True) -> d
     s.epoch, s.step = ckpt["epoch"], ckpt["step"]
     return ckpt["totals"]
 
-
 def claim_run_dir(out: Path):
     """Create the run folder and lock it for this process (two copies of one command must not
     train into one folder); remove temporary files a killed writer left. Returns the lock."""
@@ -996,16 +923,13 @@ def claim_run_dir(out: Path):
         stale.unlink()
     return lock
 
-
 def read_metrics(path: Path, upto_epoch: int) -> list:
     """The metrics lines of epochs <= upto_epoch (a resumed run drops lines written later)."""
     lines = path.read_text().splitlines() if path.exists() else []
     return [r for r in map(json.loads, filter(str.strip, lines)) if r["epoch"] <= upto_epoch]
 
-
 def write_metrics(path: Path, rows: list) -> None:
     atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-
 
 def write_eps_history(path: Path, history: np.ndarray) -> None:
     """(epochs, n_train): the eps memory after each epoch, row e = after epoch e+1."""
@@ -1014,7 +938,6 @@ def write_eps_history(path: Path, history: np.ndarray) -> None:
             np.save(f, history)
     atomic_write(path, save)
 
-
 # ============================================================================================
 # The training loop: Alg 1 over epochs, with checkpoints, resume and SIGTERM
 # ============================================================================================
@@ -1022,7 +945,6 @@ def write_eps_history(path: Path, history: np.ndarray) -> None:
 class _Stop:
     """Set by SIGTERM; the loop checkpoints at the next step boundary and exits."""
     requested = False
-
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """Train one run into run_dir(cfg), resuming if its checkpoint exists; return the summary.
@@ -1083,54 +1005,30 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
                                epoch_eval=test_accuracy if cfg.eval_subset else None)
     return finish(cfg, s, data, out, rows, history, log)
 
-
 def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Callable,
                steps_per_epoch: int, shard_size: int, log: Callable[[str], None], *,
-               epoch_eval: Optional[Callable[[], dict]] = None, lr_per_step: bool = False,
-               history_dtype=np.float32) -> tuple:
+               epoch_eval: Optional[Callable[[], dict]] = None, on_step: Optional[Callable] = None,
+               lr_per_step: bool = False, history_dtype=np.float32) -> tuple:
     """Alg 1 from s.epoch, s.step to cfg.epochs; returns (metrics rows, eps history).
 
     `batches(epoch, start)` gives the epoch's (x, y, idx) from step `start` and its data
     generator (saved mid-epoch); `totals`: the epoch's sums so far, from the checkpoint.
     Every process calls this; `shard_size` >= each one's images per step. Each epoch ends
-    with its metrics row (plus `epoch_eval()`), eps history, checkpoint and plots. The LR
-    schedule steps once per epoch, or once per step with `lr_per_step` (ImageNet's warmup).
+    with its metrics row (plus `epoch_eval()`), eps history, checkpoint and plots; every
+    process calls `on_step(s, sums)` after each step (ImageNet logs there). The LR schedule
+    steps once per epoch, or once per step with `lr_per_step` (ImageNet's warmup).
     """
     from tqdm import tqdm  # the plain bar: silent outside a terminal, notebooks included
     d, device, ckpt_path = current_dist(), s.mem.device, out / "checkpoint.pt"
-    history, fresh = np.zeros((0, len(s.mem)), history_dtype), (s.epoch, s.step) == (0, 0)
-    if not fresh:
-        if d.main and (out / "eps_history.npy").exists():
-            history = np.load(out / "eps_history.npy")[:s.epoch]
-        log(f"resuming {out} at epoch {s.epoch} step {s.step}")
-    if d.rank > 0:  # its own attack random starts; the saved totals are counted on rank 0
-        torch.manual_seed(cfg.seed + 7919 * d.rank + 104729 * (s.epoch * 100_003 + s.step))
-        totals = {}
-    same_everywhere((s.epoch, s.step), "the epoch and step to resume at")
-    lock = problem = None  # every process has read the folder; now rank 0 claims it
-    try:
-        lock = claim_run_dir(out) if d.main else None
-    except IAATError as err:
-        problem = err
-    if any_process(problem is not None, device):
-        raise problem or IAATError(f"rank 0 could not claim {out}")
-    rows = read_metrics(out / "metrics.jsonl", s.epoch)
-    if fresh and d.main:
-        write_json(out / "config.json", config_dict(cfg))
-    _Stop.requested = False
-    handler = None
+    rows, history, lock = _open_folder(cfg, s, out, log, history_dtype)
+    totals = totals if d.main else {}  # the saved totals are counted on rank 0
+    _Stop.requested, handler = False, None
     if threading.current_thread() is threading.main_thread():
         handler = signal.signal(signal.SIGTERM, lambda *_: setattr(_Stop, "requested", True))
-
-    def stopped() -> int:
-        log(f"SIGTERM: checkpoint saved at epoch {s.epoch} step {s.step} in {out}; rerun the same "
-            "command to resume")
-        return 143
     try:
         while s.epoch < cfg.epochs:
             t0 = time.time() - totals.get("time", 0.0)
             sums = {k: torch.tensor(v, device=device) for k, v in totals.items() if k != "time"}
-            last_log = (time.time(), totals.get("n", 0.0))
             stream, gen = batches(s.epoch, s.step)
             bar = tqdm(desc=f"epoch {s.epoch + 1}/{cfg.epochs}", total=steps_per_epoch,
                        initial=s.step, leave=False, disable=None if d.main else True)
@@ -1143,13 +1041,8 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
                     sync_memory(s.mem, s.visits, idx, shard_size)
                 s.step += 1
                 bar.update()
-                if cfg.log_every and s.step % cfg.log_every == 0:
-                    t, now = global_totals(sums), time.time()
-                    log(f"epoch {s.epoch + 1} step {s.step}/{steps_per_epoch} | loss "
-                        f"{t['loss'] / t['n']:.3f} | acc {t['train_acc'] / t['n']:.3f} | eps "
-                        f"{t['eps'] / t['n'] * PIXEL:.1f}/255 | "
-                        f"{(t['n'] - last_log[1]) / max(now - last_log[0], 1e-9):.1f} img/s")
-                    last_log = (now, t["n"])
+                if on_step is not None:
+                    on_step(s, sums)
                 stop = any_process(_Stop.requested, device)
                 if s.step < steps_per_epoch and (
                         stop or (cfg.save_every and s.step % cfg.save_every == 0)):
@@ -1158,9 +1051,7 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
                     if d.main:
                         save_checkpoint(ckpt_path, cfg, s, dict(totals, time=time.time() - t0), gen)
                     if stop:
-                        if d.world > 1:  # nobody exits before rank 0's checkpoint is on disk
-                            torch.distributed.barrier()
-                        raise SystemExit(stopped())
+                        raise SystemExit(_stopped(s, out, log))
             bar.close()
             totals = global_totals(sums)
             check_finite(totals["loss"], s, ckpt_path)
@@ -1173,15 +1064,9 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
             rows.append(epoch_row(s, totals, time.time() - t0, epoch_eval))
             totals = {}
             log(format_row(rows[-1], cfg))
-            if d.main:
-                history = np.concatenate([history, s.mem.cpu().numpy()[None].astype(history_dtype)])
-                write_eps_history(out / "eps_history.npy", history)
-                write_metrics(out / "metrics.jsonl", rows)
-                save_checkpoint(ckpt_path, cfg, s, {})
-                if s.epoch == cfg.epochs or (cfg.plot_every and s.epoch % cfg.plot_every == 0):
-                    plot_run(out, rows, history, cfg.warmup)
+            history = _save_epoch(cfg, s, out, rows, history) if d.main else history
             if any_process(_Stop.requested, device):
-                raise SystemExit(stopped())
+                raise SystemExit(_stopped(s, out, log))
     finally:
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
@@ -1189,12 +1074,51 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
             lock.close()
     return rows, history
 
+def _open_folder(cfg: Config, s: TrainState, out: Path, log, history_dtype) -> tuple:
+    """Before the first step: every process agrees where it resumes (and seeds its own attack
+    starts); then rank 0 claims the folder. Returns the metrics rows, eps history and lock."""
+    d, fresh = current_dist(), (s.epoch, s.step) == (0, 0)
+    history = np.zeros((0, len(s.mem)), history_dtype)
+    if not fresh:
+        if d.main and (out / "eps_history.npy").exists():
+            history = np.load(out / "eps_history.npy")[:s.epoch]
+        log(f"resuming {out} at epoch {s.epoch} step {s.step}")
+    if d.rank > 0:
+        torch.manual_seed(cfg.seed + 7919 * d.rank + 104729 * (s.epoch * 100_003 + s.step))
+    same_everywhere((s.epoch, s.step), "the epoch and step to resume at")
+    lock = problem = None
+    try:
+        lock = claim_run_dir(out) if d.main else None
+    except IAATError as err:
+        problem = err
+    if any_process(problem is not None, s.mem.device):  # every process stops, not rank 0 alone
+        raise problem or IAATError(f"rank 0 could not claim {out}")
+    if fresh and d.main:
+        write_json(out / "config.json", config_dict(cfg))
+    return read_metrics(out / "metrics.jsonl", s.epoch), history, lock
+
+def _save_epoch(cfg: Config, s: TrainState, out: Path, rows: list, history) -> np.ndarray:
+    """Rank 0, after each epoch: the eps history, the metrics, the checkpoint, the plots."""
+    history = np.concatenate([history, s.mem.cpu().numpy()[None].astype(history.dtype)])
+    write_eps_history(out / "eps_history.npy", history)
+    write_metrics(out / "metrics.jsonl", rows)
+    save_checkpoint(out / "checkpoint.pt", cfg, s, {})
+    if s.epoch == cfg.epochs or (cfg.plot_every and s.epoch % cfg.plot_every == 0):
+        plot_run(out, rows, history, cfg.warmup)
+    return history
+
+def _stopped(s: TrainState, out: Path, log) -> int:
+    """After SIGTERM: nobody exits before rank 0's checkpoint is on disk."""
+    if current_dist().world > 1:
+        torch.distributed.barrier()
+    log(f"SIGTERM: checkpoint saved at epoch {s.epoch} step {s.step} in {out}; rerun the same "
+        "command to resume")
+    return 143
 
 def global_totals(sums: dict) -> dict:
     """The epoch's running sums over all processes, as floats (one all-reduce)."""
     keys = sorted(sums)
     return dict(zip(keys, all_sum(torch.stack([sums[k].double() for k in keys])).tolist()))
-
 
 def check_finite(loss: float, s: TrainState, ckpt_path: Path) -> None:
     """Stop before a non-finite loss or weight reaches a checkpoint; the last good one stays."""
@@ -1203,7 +1127,6 @@ def check_finite(loss: float, s: TrainState, ckpt_path: Path) -> None:
             "no checkpoint was written"
         raise IAATError(f"training loss became non-finite in epoch {s.epoch + 1} (by step "
                         f"{s.step}); {kept}; try a lower --lr")
-
 
 def epoch_row(s: TrainState, sums: dict, seconds: float, epoch_eval=None) -> dict:
     """The metrics of the epoch just done: its sums as means, then `epoch_eval()`."""
@@ -1215,7 +1138,6 @@ def epoch_row(s: TrainState, sums: dict, seconds: float, epoch_eval=None) -> dic
     row.update(epoch_eval() if epoch_eval else {})
     return dict(row, seconds=round(seconds, 2), images_per_second=round(n / seconds, 2))
 
-
 def format_row(r: dict, cfg: Config) -> str:
     s = (f"epoch {r['epoch']:3d}/{cfg.epochs} | loss {r['train_loss']:.3f} | train acc "
          f"{r['train_acc']:.3f} | eps {r['eps_mean'] * PIXEL:5.1f}/255")
@@ -1223,12 +1145,10 @@ def format_row(r: dict, cfg: Config) -> str:
         s += f" | test clean {r['test_clean']:.3f} PGD-{cfg.attack_steps} {r['test_pgd']:.3f}"
     return s + f" | {r['seconds']:.1f}s"
 
-
 def plot_run(out: Path, rows: list, history: np.ndarray, warmup: int = 0) -> None:
     """curves.png, eps_hist.png and eps_mean.png (drawn by iaat_eval, with matplotlib)."""
     import iaat_eval
     iaat_eval.plot_run(out, rows, history, warmup)
-
 
 # ============================================================================================
 # The end-of-training evaluation: natural and PGD accuracy on the test set
@@ -1254,7 +1174,6 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: floa
     clean, robust = (all_sum(counts) if distributed else counts).tolist()
     return {"clean": clean / len(y), "robust": robust / len(y)}
 
-
 def agreement(s: TrainState) -> tuple:
     """SHA-1s of every process's eps memory and model; IAATError if the processes differ."""
     import hashlib
@@ -1268,7 +1187,6 @@ def agreement(s: TrainState) -> tuple:
         if len(set(found[-1])) > 1:
             raise IAATError(f"the {name} of the {len(found[-1])} processes differ: {found[-1]}")
     return tuple(found)
-
 
 def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, history, log) -> dict:
     """Natural and PGD-20 accuracy on the whole test set at eps_test, summary.json and a line;
@@ -1300,7 +1218,6 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, histor
         f"{summary['train_seconds']:.0f}s training | {out}")
     return summary
 
-
 # ============================================================================================
 # CLI: `python iaat.py [flags]` trains; `python iaat.py eval RUN` evaluates (iaat_eval.py)
 # ============================================================================================
@@ -1308,7 +1225,6 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, histor
 class CLIParser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
         self.exit(2, f"iaat: error: {message} (see --help)\n")
-
 
 def add_config_flags(p: argparse.ArgumentParser, cls=Config, presets=PRESETS, skip=(),
                      choices=None, aliases=None) -> None:
@@ -1333,7 +1249,6 @@ def add_config_flags(p: argparse.ArgumentParser, cls=Config, presets=PRESETS, sk
             p.add_argument(*names, type=int if "int" in f.type else float if "float" in f.type
                            else str, choices=choices.get(f.name), **kw)
 
-
 def config_values(args: argparse.Namespace, cls=Config) -> dict:
     """The flags as config values: /255 units divided, lists as tuples, None where not given."""
     values = {}
@@ -1343,7 +1258,6 @@ def config_values(args: argparse.Namespace, cls=Config) -> dict:
             value = tuple(v / PIXEL for v in value) if isinstance(value, tuple) else value / PIXEL
         values[name] = value
     return values
-
 
 def config_from_args(argv) -> Config:
     """The Config of `python iaat.py ARGV`; the CLI is built from Config, a flag per field."""
@@ -1358,7 +1272,6 @@ def config_from_args(argv) -> Config:
     values = config_values(parser.parse_args(argv))
     return make_config(values.pop("dataset") or "digits", values.pop("model"), **values)
 
-
 def main(argv=None) -> int:
     """`python iaat.py [flags]`: train (or resume) one run and print its final summary;
     `python iaat.py eval RUN_DIR [flags]`: the paper's evaluation protocol on a trained run."""
@@ -1371,6 +1284,8 @@ def main(argv=None) -> int:
         cfg = config_from_args(argv)
         joined = init_distributed(cfg.device)
         train(cfg)
+        if joined:  # no process tears down gloo while another still uses it (SIGABRT otherwise)
+            torch.distributed.barrier()
     except (IAATError, OSError) as err:  # OSError: full disk, no permission, --out a file, ...
         print(f"iaat: error: {err}", file=sys.stderr)
         return 1
@@ -1382,7 +1297,6 @@ def main(argv=None) -> int:
         if joined:
             torch.distributed.destroy_process_group()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -49,8 +50,7 @@ TABLE_11 = dict(dataset="imagenet", model="resnet50", epochs=110, batch_size=32,
                 lr_milestones=(35, 70, 95), lr_decay=0.1, weight_decay=1e-4, eps_w=16 / PIXEL,
                 gamma=4 / PIXEL, beta=0.1, warmup=30, eps_min=4 / PIXEL, attack_steps=30,
                 step_size=1 / PIXEL, select_steps=10, select_step_size=2 / PIXEL, amp="fp16",
-                eval_steps=1000, eval_step_size=1 / PIXEL, eval_batch=64, save_every=500,
-                log_every=50)
+                eval_steps=1000, eval_step_size=1 / PIXEL, eval_batch=64, save_every=500)
 # the select step is the paper's silence: 2/255 lets 10 steps span the largest candidate, 20
 
 
@@ -74,10 +74,11 @@ class ImageNetConfig(iaat.Config):
     imagenet_c: Optional[str] = option(None, "ImageNet-C root (<corruption>/<1-5>/<class>/...) "
                                              "for the mCE column")
     evaluate_only: bool = option(False, "evaluate the run's checkpoint, do not train")
+    print_every: int = option(50, "log the running loss, accuracy, eps and images/s every N steps")
 
     RUNTIME: ClassVar[frozenset] = iaat.Config.RUNTIME | {
         "data", "workers", "eval_n", "eval_eps", "eval_steps", "eval_step_size", "imagenet_c",
-        "evaluate_only"}
+        "evaluate_only", "print_every"}
 
 
 # iaat.Config fields that ImageNet does not use: no flag for them
@@ -121,7 +122,7 @@ def check(c: ImageNetConfig) -> None:
         raise IAATError(f"unknown --arch {c.model!r}; choose from {', '.join(ARCHS)}")
     if not c.data:
         raise IAATError("--data is required: the ImageNet folder holding train/ and val/")
-    for name in ("image_size", "resize", "eval_n", "log_every"):
+    for name in ("image_size", "resize", "eval_n", "print_every"):
         if getattr(c, name) is not None and getattr(c, name) < 1:
             raise IAATError(f"--{name.replace('_', '-')} must be positive")
     if c.lr is not None and not c.lr > 0:
@@ -248,8 +249,21 @@ def train(c: ImageNetConfig, log=print) -> Path:
                 yield (x.to(device, non_blocking=True).contiguous(memory_format=layout),
                        y.to(device, non_blocking=True), idx.to(device, non_blocking=True))
         return stream(), None
-    iaat.train_loop(c, s, out, totals, batches, steps_per_epoch, shard_size=c.batch_size,
-                    log=log, lr_per_step=True, history_dtype=np.float16)
+    clock = {"time": time.time(), "step": 0}
+
+    def progress(s: iaat.TrainState, sums: dict) -> None:
+        """Every --print-every steps: the epoch's running means and the images per second
+        over all processes since the last line (every process takes part: a collective)."""
+        if s.step % c.print_every:
+            return
+        t, now, since = iaat.global_totals(sums), time.time(), s.step - clock["step"]
+        rate = (since if since > 0 else s.step) * c.batch_size * d.world / (now - clock["time"])
+        log(f"epoch {s.epoch + 1} step {s.step}/{steps_per_epoch} | loss {t['loss'] / t['n']:.3f}"
+            f" | acc {t['train_acc'] / t['n']:.3f} | eps {t['eps'] / t['n'] * PIXEL:.1f}/255 | "
+            f"{rate:.1f} img/s")
+        clock.update(time=now, step=s.step)
+    iaat.train_loop(c, s, out, totals, batches, steps_per_epoch, c.batch_size, log,
+                    on_step=progress, lr_per_step=True, history_dtype=np.float16)
     iaat.agreement(s)
     return out
 
@@ -344,7 +358,7 @@ def build_parser():
     p = iaat.CLIParser(prog="imagenet/train.py", description=__doc__.split("\n\n")[0])
     iaat.add_config_flags(p, ImageNetConfig, {"imagenet": TABLE_11}, skip=UNUSED,
                           choices={"model": ARCHS},
-                          aliases={"model": ["--arch"], "log_every": ["--print-every"]})
+                          aliases={"model": ["--arch"]})
     return p
 
 
@@ -361,6 +375,8 @@ def main(argv=None) -> int:
         if not c.evaluate_only:
             train(c)
         evaluate_run(c)
+        if joined:  # no process tears down gloo while another still uses it
+            torch.distributed.barrier()
     except (IAATError, OSError) as err:
         print(f"imagenet/train.py: error: {err}", file=sys.stderr)
         return 1

@@ -92,3 +92,4 @@ def test_the_readme_names_the_blocks_lines():
     first, last = core_lines()
     readme = (ROOT / "README.md").read_text()
     assert f"lines {first}-{last}" in readme, f"README should say: lines {first}-{last}"
+    assert f"({last - first + 1} lines)" in readme
