@@ -5,6 +5,7 @@ many times, optionally beside a CPU load. Prints one line per run and a summary.
     python scripts/stress_restarts.py --repeats 10                   # every scenario, 10 times
     python scripts/stress_restarts.py --repeats 10 --load            # beside a torch matmul loop
     python scripts/stress_restarts.py --scenarios kill-epoch-end --repeats 20
+    python scripts/stress_restarts.py --root ../older-checkout       # another iaat.py
 
 Scenarios (the digits preset, 600 images, 6 epochs, warmup 2, 2 gloo processes on CPU):
   kill-warmup      rank 1 killed mid-epoch during warmup (epoch 1)
@@ -34,11 +35,12 @@ KILLS = {"kill-warmup": (1, 1, "mid"), "kill-mid-epoch": (1, 4, "mid"),
          "kill-epoch-end": (1, 3, "end"), "kill-rank0": (0, 4, "mid")}
 SCENARIOS = (*KILLS, "resume-1-to-2")
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+SCRIPT = ROOT / "iaat.py"  # --root sets another checkout's
 
 
 def torchrun(out: Path, args=ARGS, nproc: int = 2, wait: bool = True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "--max-restarts", "1", str(ROOT / "iaat.py"), *args,
+           f"--nproc_per_node={nproc}", "--max-restarts", "1", str(SCRIPT), *args,
            "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ENV)
@@ -85,7 +87,7 @@ def kill_run(out: Path, rank: int, epoch: int, where: str) -> tuple:
 
 def resume_run(out: Path) -> tuple:
     first = [a if a != "6" else "3" for a in ARGS]
-    r = subprocess.run([sys.executable, str(ROOT / "iaat.py"), *first, "--out", str(out)],
+    r = subprocess.run([sys.executable, str(SCRIPT), *first, "--out", str(out)],
                        capture_output=True, text=True, env=ENV, timeout=900)
     if r.returncode:
         return r.stdout, r.stderr, r.returncode
@@ -106,9 +108,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
+    p.add_argument("--root", type=Path, default=ROOT, help="the checkout whose iaat.py runs")
     p.add_argument("--load", action="store_true", help="run a torch matmul loop at torch's "
                    "default threads beside the jobs (another training run, say)")
     args = p.parse_args()
+    global SCRIPT
+    SCRIPT = args.root.resolve() / "iaat.py"
+    ENV["PYTHONPATH"] = str(args.root.resolve())
     load = subprocess.Popen([sys.executable, "-c", "import torch\nx = torch.rand(512, 512)\n"
                              "while True: x = (x @ x).tanh()"]) if args.load else None
     failures = {s: 0 for s in args.scenarios}

@@ -148,10 +148,9 @@ def _worker_pid(out, rank):
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 def test_a_killed_rank_restarts_and_resumes_from_the_checkpoint(tmp_path):
     out = tmp_path / "run"
-    # --max-restarts 2, not 1: in about one full-suite run in ten on 2 cores, the restarted
-    # attempt itself died (rank 1: "terminate called without an active exception" while gloo
-    # reconnected). The second restart then resumes from the same checkpoint. Root cause open.
-    proc = torchrun(*ARGS, "--save-every", "3", "--out", out, extra=["--max-restarts", "2"],
+    # one restart must do: the job ends with a barrier before any process tears down gloo
+    # (scripts/stress_restarts.py repeats this and other kill points)
+    proc = torchrun(*ARGS, "--save-every", "3", "--out", out, extra=["--max-restarts", "1"],
                     wait=False)
     deadline = time.time() + 300
     metrics = out / "metrics.jsonl"

@@ -1,9 +1,9 @@
-"""The notebooks' nbval set-up does what it says (issue #12).
+"""The notebooks' nbval set-up does what it says.
 
 1. Every comment that looks like an nbval marker is one nbval really honours. nbval strips the
    `#`s and compares the whole rest of the line with its list (`nbval.plugin.comment_markers`,
    case-sensitive), so `# NBVAL_IGNORE_OUTPUT (because ...)` is no marker at all: the cell's
-   output is compared, and fails on the next machine (issue #12).
+   output is compared, and fails on the next machine.
 2. The committed outputs pass strict nbval when the notebooks' training runs at another thread
    count than the one that made them (2 threads). A different thread count splits torch's
    reductions differently, which changes the order of the float sums as another CPU does; over
@@ -81,7 +81,7 @@ def test_marker_check_catches_markers_nbval_ignores():
                 "#NBVAL_SKIP\nprint(1)", "## NBVAL_CHECK_OUTPUT\nprint(1)",
                 "x = 1\n  # NBVAL_RAISES_EXCEPTION\nraise ValueError"]
     ignored = ["# NBVAL_IGNORE_OUTPUT (exact values can differ in the last digit between machines)\n"
-               "print(0.805)",  # the cell of issue #12
+               "print(0.805)",  # the cell that once failed on a second machine
                "# nbval_ignore_output\nprint(1)", "# NBVAL_IGNORE_OUTPUT:\nprint(1)",
                "# NBVAL-SKIP\nprint(1)", "# PYTEST_VALIDATE_IGNORE_OUTPUTS\nprint(1)",
                "print(1)  # NBVAL_IGNORE_OUTPUT"]
