@@ -738,6 +738,21 @@ def init_distributed(device_name: str) -> bool:
         tdist.init_process_group(backend)
     return True
 
+@contextmanager
+def process_group(device_name: str):
+    """Run a block in torchrun's process group (if torchrun started more than one process).
+    When the block ends normally, every process waits for the others before any tears the
+    group down: a process that left while another still used gloo died with SIGABRT
+    ("terminate called without an active exception")."""
+    joined = init_distributed(device_name)
+    try:
+        yield
+        if joined:
+            torch.distributed.barrier()
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over all processes (in place); a no-op in a single process."""
     if current_dist().world > 1:
@@ -1279,13 +1294,10 @@ def main(argv=None) -> int:
     if argv[:1] == ["eval"]:
         import iaat_eval
         return iaat_eval.main(argv[1:])
-    joined = False
     try:
         cfg = config_from_args(argv)
-        joined = init_distributed(cfg.device)
-        train(cfg)
-        if joined:  # no process tears down gloo while another still uses it (SIGABRT otherwise)
-            torch.distributed.barrier()
+        with process_group(cfg.device):
+            train(cfg)
     except (IAATError, OSError) as err:  # OSError: full disk, no permission, --out a file, ...
         print(f"iaat: error: {err}", file=sys.stderr)
         return 1
@@ -1293,9 +1305,6 @@ def main(argv=None) -> int:
         print("iaat: interrupted; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
         return 130
-    finally:
-        if joined:
-            torch.distributed.destroy_process_group()
     return 0
 
 if __name__ == "__main__":

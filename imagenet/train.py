@@ -368,24 +368,18 @@ def config_from_args(argv) -> ImageNetConfig:
 
 
 def main(argv=None) -> int:
-    joined = False
     try:
         c = config_from_args(sys.argv[1:] if argv is None else argv)
-        joined = iaat.init_distributed(c.device)
-        if not c.evaluate_only:
-            train(c)
-        evaluate_run(c)
-        if joined:  # no process tears down gloo while another still uses it
-            torch.distributed.barrier()
+        with iaat.process_group(c.device):
+            if not c.evaluate_only:
+                train(c)
+            evaluate_run(c)
     except (IAATError, OSError) as err:
         print(f"imagenet/train.py: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    finally:
-        if joined:
-            torch.distributed.destroy_process_group()
     return 0
 
 
