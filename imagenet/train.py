@@ -213,9 +213,8 @@ def train(c: ImageNetConfig, log=print) -> Path:
         raise IAATError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU")
     out = run_folder(c)
     ckpt = iaat.open_run(out, c)
-    if ckpt is not None and ckpt.get("processes") != d.world:
-        # the global batch sets the LR, its schedule and the shards
-        saved = ckpt.get("processes")
+    saved = ckpt and ckpt.get("processes", ckpt["totals"].get("processes"))  # (older: totals)
+    if ckpt is not None and saved != d.world:  # the global batch sets the LR and the shards
         raise IAATError(f"checkpoint {out / 'checkpoint.pt'} was written by {saved} processes, "
                         f"this run has {d.world}; resume with {saved} (global batch "
                         f"{saved * c.batch_size})")
@@ -281,7 +280,7 @@ def evaluate(c: ImageNetConfig, model: nn.Module, device, log=print) -> dict:
     chosen = iaat_eval.test_subset(len(val), c.eval_n, c.seed, "cpu")
     # one random target per validation image, fixed by the seed whatever the subset or shards
     targets = iaat_eval.random_targets(torch.tensor(val.targets), len(val.classes),
-                                  torch.Generator().manual_seed(c.seed))
+                                       torch.Generator().manual_seed(c.seed))
     mine = torch.utils.data.Subset(val, chosen[d.rank::d.world].tolist())
     counts = torch.zeros(1 + len(c.eval_eps), device=device, dtype=torch.float64)
     with torch.autocast(device.type, enabled=False), iaat.model_mode(model, False):
@@ -305,8 +304,8 @@ def evaluate(c: ImageNetConfig, model: nn.Module, device, log=print) -> dict:
 
 
 def corruption_errors(c: ImageNetConfig, model: nn.Module, device) -> tuple:
-    """ImageNet-C mCE, normalised by AlexNet (iaat_eval.mean_corruption_error). ImageNet-C images
-    are 224x224 already: centre crop only."""
+    """ImageNet-C mCE, normalised by AlexNet (iaat_eval.mean_corruption_error). ImageNet-C
+    images are 224x224 already: centre crop only."""
     d, errors = iaat.current_dist(), {}
     tf = T.Compose([T.CenterCrop(c.image_size), T.ToTensor()])
     with torch.autocast(device.type, enabled=False), iaat.model_mode(model, False):
@@ -336,7 +335,7 @@ def evaluate_run(c: ImageNetConfig, log=print) -> dict:
         raise IAATError(f"{out / 'checkpoint.pt'} not found; train first or give --out")
     ckpt = iaat.read_checkpoint(out / "checkpoint.pt")
     device = iaat.pick_device(c.device, d.local_rank)
-    arch, state = ckpt["config"].get("model"), ckpt["model"]
+    arch, state = ckpt["config"].get("model", ckpt["config"].get("arch")), ckpt["model"]
     if arch not in ARCHS or "1.fc.weight" not in state:
         raise IAATError(f"{out / 'checkpoint.pt'} is not an imagenet/train.py checkpoint")
     model = build_model(arch, state["1.fc.weight"].shape[0]).to(device).eval()
