@@ -401,11 +401,13 @@ def figure_pgd(b: Bench, state: dict, args, log) -> dict:
 @contextmanager
 def counting_selection():
     """Count the work of Algorithm 2 inside iaat: per iaat.pgd_fooled call the samples attacked
-    and fooled, and the rows that go through iaat.input_grad inside and outside selection.
+    and fooled, and the rows that go through the input gradient (iaat.input_grad, or
+    iaat_fp16.fp16_input_grad in fp16) inside and outside selection.
     (Wraps the module's functions; the counts force a sync, so only untimed runs use this.)"""
+    import iaat_fp16
     stats = {"calls": [], "grad_rows": {"selection": 0, "training": 0}, "selection_s": 0.0}
     fooled_fn, grad_fn, select_fn = iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon
-    inside = [0]
+    fp16_fn, inside = iaat_fp16.fp16_input_grad, [0]
 
     def pgd_fooled(model, x, y, eps, **kw):
         inside[0] += 1
@@ -420,6 +422,12 @@ def counting_selection():
         stats["grad_rows"]["selection" if inside[0] else "training"] += len(x_adv)
         return grad_fn(model, x_adv, *a, **kw)
 
+    def fp16_input_grad(model, x_adv, *a, **kw):  # outside fp16 it calls iaat.input_grad
+        t = x_adv.device.type
+        if torch.is_autocast_enabled(t) and torch.get_autocast_dtype(t) == torch.float16:
+            stats["grad_rows"]["selection" if inside[0] else "training"] += len(x_adv)
+        return fp16_fn(model, x_adv, *a, **kw)
+
     def select_epsilon(model, x, *a, **kw):
         t0 = time.perf_counter()
         out = select_fn(model, x, *a, **kw)
@@ -427,10 +435,12 @@ def counting_selection():
         stats["selection_s"] += time.perf_counter() - t0
         return out
     iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon = pgd_fooled, input_grad, select_epsilon
+    iaat_fp16.fp16_input_grad = fp16_input_grad
     try:
         yield stats
     finally:
         iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon = fooled_fn, grad_fn, select_fn
+        iaat_fp16.fp16_input_grad = fp16_fn
 
 
 def selection_stats(b: Bench, state: dict, batches: list) -> dict:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import iaat
+import iaat_fp16
 from conftest import ROOT, tiny_cnn
 
 BENCH = ROOT / "benchmarks" / "bench.py"
@@ -155,13 +156,33 @@ def test_counting_selection_counts_and_puts_iaat_back():
     cfg = iaat.make_config("digits", attack_steps=3)
     x, y = _batch()
     model = tiny_cnn().eval()
-    originals = (iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon)
+    originals = (iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon, iaat_fp16.fp16_input_grad)
     with bench.counting_selection() as stats:
         iaat.select_epsilon(model, x, y, torch.full((len(y),), 0.05), gamma=cfg.gamma,
                             beta=cfg.beta, steps=3)
-    assert (iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon) == originals
+    assert (iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon,
+            iaat_fp16.fp16_input_grad) == originals
     assert stats["calls"][0][0] == len(y)
     if len(stats["calls"]) > 1:  # the second attack runs on those fooled at prev + gamma
         assert stats["calls"][1][0] == stats["calls"][0][1]
     assert 0 < stats["grad_rows"]["selection"] <= 2 * 3 * len(y)
     assert stats["grad_rows"]["training"] == 0
+
+
+def test_counting_selection_counts_fp16_input_gradients_once():
+    """Under --amp fp16 the attacks take iaat_fp16.fp16_input_grad; each row of an input
+    gradient is counted once (it calls iaat.input_grad only outside fp16 autocast): as many
+    as the model's forward passes with gradients on."""
+    cfg = iaat.make_config("digits", attack_steps=3)
+    x, y = _batch()
+    model = tiny_cnn().eval()
+    rows = [0]
+    model.register_forward_hook(
+        lambda m, args, out: rows.__setitem__(0, rows[0] + len(args[0]) * torch.is_grad_enabled()))
+    for fp16 in (True, False):
+        rows[0] = 0
+        with bench.counting_selection() as stats, \
+                torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            iaat.select_epsilon(model, x, y, torch.full((len(y),), 0.05), gamma=cfg.gamma,
+                                beta=cfg.beta, steps=3, grad_fn=iaat_fp16.fp16_input_grad)
+        assert stats["grad_rows"]["selection"] == rows[0] > 0
