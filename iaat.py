@@ -62,7 +62,8 @@ class Config:
     """All settings of one run. Values are in pixel units ([0,1]); the CLI divides /255 units."""
     # what to train
     dataset: str = option("digits", "digits (embedded scikit-learn data, no download), cifar10 or cifar100")
-    model: Optional[str] = option(None, "smallcnn, resnet18 (PreAct) or wrn32-10 (Madry's WRN)")
+    model: Optional[str] = option(None, "smallcnn, resnet18 (PreAct ResNet-18) or wrn32-10 "
+                                        "(Madry's WideResNet: 5 blocks/stage, width 10)")
     method: str = option("iaat", "iaat (paper Alg 1), at (Madry PGD-AT at the fixed radius eps_w) or clean")
     # optimisation: paper Table 10 (CIFAR ResNet-18 column unless the preset says otherwise)
     epochs: int = option(200, "training epochs (Table 10: 200 ResNet-18, 110 WRN-32-10)")
@@ -73,12 +74,12 @@ class Config:
     lr_milestones: tuple = option((80, 140, 170), "epochs at which the LR decays (Table 10)")
     lr_decay: float = option(0.1, "LR decay factor at each milestone (Table 10: 0.1 ResNet-18, 0.2 WRN)")
     # IAAT (Alg 1 and 2, Table 10)
-    eps_w: float = option(8 / PIXEL, "warmup radius eps_w of Alg 1, the initial eps memory and "
-                                     "--method at's radius (Table 10: 8)", "/255")
+    eps_w: float = option(8 / PIXEL, "warmup radius eps_w of Alg 1, also the initial eps memory; "
+                                     "the fixed radius of --method at (Table 10: 8)", "/255")
     gamma: float = option(1.9 / PIXEL, "discretisation gamma of Alg 2 (Table 10: 1.9)", "/255")
     beta: float = option(0.1, "exponential averaging factor beta of Alg 2 (Table 10: 0.1)")
-    warmup: int = option(5, "epochs at eps_w before Alg 2 (Table 10: 5 ResNet-18, 10 WRN; Tables "
-                            "5-6: 0)")
+    warmup: int = option(5, "warmup epochs at uniform eps_w before Alg 2 (Table 10: 5 ResNet-18, "
+                            "10 WRN); 0 = the no-warmup ablation (Tables 5-6)")
     eps_init: Optional[float] = option(None, "initial eps memory (default: eps_w)", "/255")
     eps_min: float = option(0.0, "lower clip of the selected eps (ImageNet, Table 11: 4)", "/255")
     eps_max: Optional[float] = option(None, "upper clip of the selected eps (default: none)", "/255")
@@ -88,12 +89,14 @@ class Config:
     # the PGD attack used for training and for selection (Table 10)
     attack_steps: int = option(10, "PGD steps k of the training and selection attacks (Table 10: 10)")
     step_size: float = option(2 / PIXEL, "PGD step size (Table 10: 2)", "/255")
-    step_rel: Optional[float] = option(None, "step_i = step_rel * eps_i / k instead (Madry: 2.5)")
-    select_steps: Optional[int] = option(None, "PGD steps of Alg 2 (default: --attack-steps)")
-    select_step_size: Optional[float] = option(None, "PGD step of Alg 2 (default: --step-size)",
-                                               "/255")
-    attack_bn: str = option("train", "BatchNorm mode of the training attack (as PGD-AT): train or "
-                                     "eval; the selection always runs in eval mode")
+    step_rel: Optional[float] = option(None, "if set, step_i = step_rel * eps_i / attack_steps instead "
+                                             "of the fixed step (Madry: 2.5)")
+    select_steps: Optional[int] = option(None, "PGD steps of Alg 2's selection attacks (default: "
+                                               "--attack-steps; ImageNet, App E.2: a weaker 10)")
+    select_step_size: Optional[float] = option(None, "PGD step of the selection attacks (default: "
+                                                     "the training attack's step)", "/255")
+    attack_bn: str = option("train", "BatchNorm mode of the training attack: train (as PGD-AT and the "
+                                     "official code) or eval; selection always runs in eval mode")
     # evaluation at the end of training (the full paper protocol is `iaat eval`)
     eps_test: float = option(8 / PIXEL, "test radius (paper Sec 4: 8)", "/255")
     eval_steps: int = option(20, "PGD steps of the final robust accuracy")
@@ -111,9 +114,11 @@ class Config:
     save_every: int = option(0, "also checkpoint every N training steps (0: at epoch ends only)")
     plot_every: int = option(10, "rewrite the plots every N epochs (always at the end)")
     # speed: amp changes the arithmetic; the others change no number that matters
-    amp: str = option("none", "precision of training and its attacks: none (fp32), bf16 or fp16 "
-                              "(loss-scaled input gradients, GradScaler); evaluation is fp32")
-    channels_last: str = option("auto", "NHWC layout: auto (CUDA with --amp), on or off")
+    amp: str = option("none", "mixed precision for the training and selection attacks and the "
+                              "training step: none (fp32), bf16, or fp16 (loss-scaled input "
+                              "gradients, GradScaler for the weights); evaluation is always fp32")
+    channels_last: str = option("auto", "NHWC memory layout of model and batches: auto (on for "
+                                        "CUDA with --amp, where tensor cores want it), on or off")
     compile: bool = option(False, "torch.compile the model (the first steps compile)")
     cudnn_benchmark: bool = option(True, "let cuDNN time its convolution algorithms (CUDA only)")
 
@@ -1250,7 +1255,9 @@ def add_config_flags(p: argparse.ArgumentParser, cls=Config, presets=PRESETS, sk
         unit, show = f.metadata["unit"], lambda v: _show(f.name, v, bool(f.metadata["unit"]))
         per = [(k, show(p[f.name])) for k, p in presets.items() if f.name in p]
         if presets is PRESETS and per:  # 'digits 0.05, cifar 0.1, wrn32-10 0.2'
-            per.insert(1, ("cifar", "resnet18" if f.name == "model" else show(f.default)))
+            cifar = "resnet18" if f.name == "model" else show(f.default)
+            per = [per[0], ("cifar", cifar)] + [(k, v) for k, v in per[1:] if (k, v) != (
+                "resnet18", cifar)]
         default = ", ".join(f"{k} {v}" for k, v in per) if len(per) > 1 else \
             per[0][1] if per else show(f.default)
         kw = dict(dest=f.name, default=None, help=f"{f.metadata['help']} "
@@ -1259,7 +1266,8 @@ def add_config_flags(p: argparse.ArgumentParser, cls=Config, presets=PRESETS, sk
         if f.type == "bool":
             p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         elif "tuple" in f.type:
-            p.add_argument(*names, type=float if unit else int, nargs="*", metavar="N", **kw)
+            p.add_argument(*names, type=float if unit else int, nargs="*",
+                           metavar="EPS" if unit else "EPOCH", **kw)
         else:
             p.add_argument(*names, type=int if "int" in f.type else float if "float" in f.type
                            else str, choices=choices.get(f.name), **kw)
