@@ -361,3 +361,24 @@ def test_eval_cli_random_targeted_and_a_100_class_corruption_set(runs, tmp_path)
     write_corruptions(tmp_path / "c100", np.zeros((2, 8, 8, 1), np.uint8), [50, 99])
     _one_line_error(run_cli("eval", run, "--parts", "corruptions", "--corruptions",
                             tmp_path / "c100"), "the model has 10 classes")
+
+
+def test_the_python_api_gives_what_the_cli_gives(runs, capsys):
+    """iaat_eval.evaluate_run with keyword arguments (radii in [0,1]) is `iaat eval` with flags
+    (radii in /255): the same numbers, written under its own name, printed as a table."""
+    run, _ = runs
+    api = iaat_eval.evaluate_run(run, parts={"whitebox", "eps_sweep"}, whitebox=[(5, 2)],
+                                 eps_sweep=(0.0, 0.1, 0.2), sweep_attack=(5, 1), n_examples=40,
+                                 eps=0.2, name="api")
+    assert "| run | natural | PGD-5x2 |" in capsys.readouterr().out
+    r = run_cli("eval", run, "--parts", "whitebox,eps_sweep", "--whitebox", "5x2", "--eps-sweep",
+                "0,25.5,51", "--sweep-attack", "5x1", "--n-examples", "40", "--eps", "51",
+                "--name", "cli")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cli = json.loads((run / "cli.json").read_text())
+    assert json.loads((run / "api.json").read_text())["whitebox"] == api["whitebox"]
+    assert api["whitebox"] == cli["whitebox"] and api["natural"] == cli["natural"]
+    assert api["eps_sweep"]["acc"] == cli["eps_sweep"]["acc"]
+    assert api["eps_sweep"]["eps_255"] == pytest.approx(cli["eps_sweep"]["eps_255"])
+    with pytest.raises(iaat.IAATError, match="unknown --parts lasers"):
+        iaat_eval.evaluate_run(run, parts={"lasers"})
