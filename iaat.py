@@ -107,6 +107,8 @@ class Config:
     seed: int = option(0, "random seed (model init, data order, augmentation, attack starts)")
     split_seed: int = option(0, "seed of the fixed digits train/test split")
     n_train: Optional[int] = option(None, "use only the first N training images (quick tries)")
+    label_noise: float = option(0.0, "fraction of training labels flipped to another class, "
+                                     "drawn with --seed (iaat_radius.flip_labels)")
     out: Optional[str] = option(None, "run folder (default runs/<dataset>-<model>-<method>-seed<seed>)")
     data_root: str = option("data", "where CIFAR is read from (and downloaded to)")
     download: bool = option(True, "download CIFAR when it is missing")
@@ -185,6 +187,7 @@ def check_config(cfg: Config) -> Config:
             (not 0 < cfg.lr < math.inf, f"--lr must be a finite number > 0, got {cfg.lr}"),
             (min(cfg.warmup, cfg.save_every) < 0 or (cfg.n_train or 1) < 1,
              "--warmup, --save-every and --n-train must not be negative"),
+            (not 0 <= cfg.label_noise < 1, f"--label-noise must be in [0, 1), got {cfg.label_noise}"),
             (cfg.line_search and cfg.line_eta <= 0, "--line-eta must be > 0 with --line-search")):
         if wrong:
             raise IAATError(message)
@@ -293,6 +296,10 @@ def load_data(cfg: Config, device) -> Data:
     if cfg.n_train is not None:
         data = dataclasses.replace(data, train_x=data.train_x[:cfg.n_train],
                                    train_y=data.train_y[:cfg.n_train])
+    if cfg.label_noise:
+        from iaat_radius import flip_labels  # the label-noise experiment, beside this file
+        data = dataclasses.replace(data, train_y=flip_labels(data.train_y, data.num_classes,
+                                                             cfg.label_noise, cfg.seed))
     return data.to(device)
 
 def to_float(x_u8: torch.Tensor) -> torch.Tensor:
@@ -1297,11 +1304,15 @@ def config_from_args(argv) -> Config:
 
 def main(argv=None) -> int:
     """`python iaat.py [flags]`: train (or resume) one run and print its final summary;
-    `python iaat.py eval RUN_DIR [flags]`: the paper's evaluation protocol on a trained run."""
+    `python iaat.py eval RUN_DIR [flags]`: the paper's evaluation protocol on a trained run;
+    `python iaat.py rank RUN_DIR`: its training images by final radius, as a CSV."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["eval"]:
         import iaat_eval
         return iaat_eval.main(argv[1:])
+    if argv[:1] == ["rank"]:
+        import iaat_radius
+        return iaat_radius.main(argv[1:])
     try:
         cfg = config_from_args(argv)
         with process_group(cfg.device):

@@ -1,0 +1,156 @@
+"""iaat_radius: the minimal adversarial radius against a linear model's exact L-inf distance to
+its decision boundary inside [0,1]; label flips; the radius ranking and `iaat rank`'s CSV."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import iaat
+import iaat_radius
+from conftest import run_cli
+
+D = 24
+
+
+def linear_problem(n=400, seed=0):
+    """A frozen 2-class linear model on [0,1]^D and inputs near the box's faces, where the
+    box, not the eps-ball, limits how far many coordinates can move."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(2, D, generator=g))
+        model[1].bias.zero_()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    near = 0.06 * torch.rand(n, D, generator=g)
+    x = torch.where(torch.rand(n, D, generator=g) < 0.5, near, 1 - near).view(n, 1, 4, D // 4)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return model, x, y
+
+
+def exact_distance(model, x, y):
+    """Closed form. With v = w_y - w_other and margin m = v.x + b_y - b_other, a radius e lowers
+    the margin at best by g(e) = sum_j |v_j| min(e, room_j), room_j = x_j if v_j > 0 else
+    1 - x_j (the box [0,1] stops coordinate j there). g is piecewise linear and increasing;
+    the distance is the e with g(e) = m (inf if g never reaches m). Also the distance without
+    the box, m / |v|_1."""
+    w, b = model[1].weight.double(), model[1].bias.double()
+    xf, out, free = x.flatten(1).double(), [], []
+    for xi, yi in zip(xf, y):
+        v = w[yi] - w[1 - yi]
+        m = float(xi @ v + b[yi] - b[1 - yi])
+        room = torch.where(v > 0, xi, 1 - xi).numpy()
+        a = v.abs().numpy()
+        order = np.argsort(room)
+        room, a = room[order], a[order]
+        d = np.inf
+        for k in range(len(room)):  # on [room_(k-1), room_(k)]: g(e) = sum_{<k} a r + e sum_{>=k} a
+            lo = room[k - 1] if k else 0.0
+            e = (m - (a[:k] * room[:k]).sum()) / a[k:].sum()
+            if lo <= e <= room[k]:
+                d = e
+                break
+        out.append(d)
+        free.append(m / a.sum())
+    return np.array(out), np.array(free)
+
+
+def test_minimal_radius_is_the_distance_to_the_boundary_inside_the_box():
+    model, x, y = linear_problem()
+    d, free = exact_distance(model, x, y)
+    pick = (d > 0.02) & (d < 0.45)
+    assert pick.sum() >= 60
+    tol = 1 / 255
+    r = iaat_radius.minimal_radius(model, x[pick], y[pick], eps_max=0.5, tol=tol).double().numpy()
+    # PGD found another class at r, so r is at least the exact distance; bisection stops within
+    # tol of it (PGD's sign steps are exact on a linear model).
+    assert (r >= d[pick] - 1e-5).all() and (r <= d[pick] + tol + 1e-5).all()
+    # The box matters here: the distance without it is further off than the tolerance.
+    clamp_matters = d[pick] - free[pick] > 3 * tol
+    assert clamp_matters.sum() >= 30
+    assert (np.abs(r - free[pick])[clamp_matters] > 2 * tol).all()
+
+
+def test_minimal_radius_zero_when_misclassified_inf_when_never_fooled():
+    model, x, y = linear_problem(n=200, seed=1)
+    d, _ = exact_distance(model, x, y)
+    far, near = int(np.argmax(d)), int(np.argmin(d))
+    assert d[far] > 0.2 and d[near] < 0.1
+    xs, ys = x[[far, near, near]], y[[far, near, near]].clone()
+    ys[2] = 1 - ys[2]  # a wrong label: misclassified clean
+    r = iaat_radius.minimal_radius(model, xs, ys, eps_max=0.15, tol=0.01)
+    assert r[0] == float("inf") and 0 < r[1] <= 0.15 and r[2] == 0
+
+
+def test_flip_labels_flips_exactly_the_fraction_to_other_classes():
+    y = torch.arange(1000) % 10
+    a = iaat_radius.flip_labels(y, 10, 0.05, seed=3)
+    assert torch.equal(a, iaat_radius.flip_labels(y, 10, 0.05, seed=3))
+    assert (a != y).sum() == 50 and a.min() >= 0 and a.max() <= 9
+    assert not torch.equal(a, iaat_radius.flip_labels(y, 10, 0.05, seed=4))
+    assert torch.equal(iaat_radius.flip_labels(y, 10, 0.0, seed=3), y)
+
+
+def test_suspicion_scores():
+    flagged = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], bool)
+    radius = np.array([0.1, 0.5, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0])
+    s = iaat_radius.suspicion_scores(radius, flagged, top=0.2)  # the 2 smallest: images 0 and 2
+    assert s["precision"] == 0.5 and s["auroc"] == pytest.approx((8 + 5) / 16)
+
+
+QUICK = ["--epochs", "2", "--warmup", "1", "--n-train", "200", "--eval-subset", "20",
+         "--eval-steps", "2"]
+
+
+def test_rank_writes_the_runs_images_sorted_by_radius(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli(*QUICK, "--label-noise", "0.1", "--out", run)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("rank", run)
+    assert r.returncode == 0, r.stderr
+    with open(run / "radius_ranking.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["index", "label", "radius_255"] and len(rows) == 201
+    index = [int(row[0]) for row in rows[1:]]
+    radius = [float(row[2]) for row in rows[1:]]
+    assert sorted(index) == list(range(200))
+    assert radius == sorted(radius) and radius[0] < radius[-1]  # one epoch of Alg 2 spreads them
+    mem = torch.load(run / "checkpoint.pt", weights_only=True)["eps_memory"].double().numpy()
+    assert np.allclose(radius, mem[index] * 255, atol=1e-4)
+    # the labels the run trained with: 10% flipped, drawn with --seed
+    clean = iaat.load_digits().train_y[:200]
+    noisy = iaat_radius.flip_labels(clean, 10, 0.1, seed=0)
+    assert [int(row[1]) for row in rows[1:]] == noisy[index].tolist()
+    assert (noisy != clean).sum() == 20
+    # the Python API gives the same order; --out writes elsewhere
+    ranking = iaat_radius.rank_by_radius(run)
+    assert ranking["index"].tolist() == index
+    r = run_cli("rank", run, "--out", tmp_path / "r.csv")
+    assert r.returncode == 0 and (tmp_path / "r.csv").read_text() == \
+        (run / "radius_ranking.csv").read_text()
+
+
+def test_rank_bad_run_folder_is_one_line_error(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (empty, tmp_path / "missing"):
+        r = run_cli("rank", folder, "--out", tmp_path / "x.csv")
+        assert r.returncode == 1 and r.stdout == ""
+        assert r.stderr.startswith("iaat: error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert "checkpoint.pt not found" in r.stderr
+    # a PGD-AT run has no radius per image
+    run = tmp_path / "at"
+    assert run_cli("--epochs", "1", "--n-train", "64", "--eval-subset", "0", "--eval-steps", "1",
+                   "--method", "at", "--out", run).returncode == 0
+    r = run_cli("rank", run)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--method at" in r.stderr
+    assert not (tmp_path / "x.csv").exists() and not (run / "radius_ranking.csv").exists()
+    assert list(tmp_path.glob("**/.*.tmp*")) == []
+
+
+def test_label_noise_out_of_range_is_an_error():
+    with pytest.raises(iaat.IAATError, match="label-noise"):
+        iaat.make_config("digits", label_noise=1.0)
