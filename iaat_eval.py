@@ -667,6 +667,19 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 
 
+def notebook_configs(dataset: str = "digits", *, epochs: Optional[int] = None, seed: int = 0,
+                     runs_dir="runs", data_root: str = "data") -> Callable[..., Config]:
+    """The notebooks' shared set-up: config(**settings), the preset for `dataset` with these
+    settings and `seed`, shortened to `epochs` (iaat.shorten; None: the preset's schedule), in
+    `runs_dir` under the name `python iaat.py` gives it, so that runs made on the command line
+    (say, CIFAR on a GPU) are found there."""
+    def config(**settings) -> Config:
+        cfg = iaat.shorten(iaat.make_config(dataset, seed=seed, data_root=data_root, **settings),
+                           epochs)
+        return dataclasses.replace(cfg, out=str(Path(runs_dir) / iaat.run_dir(cfg).name))
+    return config
+
+
 def train_or_load(cfg: iaat.Config, log: Optional[Callable[[str], None]] = None,
                   train_missing: bool = True) -> dict:
     """The summary of run_dir(cfg): from its summary.json if that run finished with these

@@ -113,7 +113,8 @@ def test_notebooks_pass_strict_nbval_trained_at_one_thread(tmp_path):
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         count = max(c.execution_count or 0 for c in nb.cells if c.cell_type == "code")
-        check = nbformat.v4.new_code_cell("print(torch.get_num_threads())", execution_count=count + 1)
+        check = nbformat.v4.new_code_cell("import torch\nprint(torch.get_num_threads())",
+                                         execution_count=count + 1)
         check.outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
         nb.cells.append(check)
         nbformat.write(nb, tmp_path / path.name)
