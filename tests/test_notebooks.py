@@ -104,7 +104,7 @@ def test_marker_check_catches_markers_nbval_ignores():
 
 
 def test_notebooks_pass_strict_nbval_trained_at_one_thread(tmp_path):
-    """All three notebooks retrained from scratch at 1 thread (their committed outputs come from
+    """All the notebooks retrained from scratch at 1 thread (their committed outputs come from
     2), then compared strictly, as `python -m pytest` compares them. Copies in tmp_path have an
     empty RUNS_DIR, so they really retrain instead of reading back the runs of the suite's own
     notebook pass; they run in order and share runs, as in that pass (notebook 03 reads back
