@@ -5,18 +5,11 @@ tradeoffs in neural nets", arXiv 1910.08051. PGD adversarial training puts one L
 around every training image; IAAT keeps a radius eps_i per image, grows it where the image
 survives a larger attack and shrinks it where another class lies close by (paper Alg 1 and 2).
 
-    pip install -r requirements.txt -e .       # set-up (CPU or GPU)
     python iaat.py                             # IAAT on the embedded digits data, CPU
     python iaat.py --method at                 # Madry PGD-AT baseline at the same eps
-    python iaat.py --dataset cifar10           # paper Table 10 preset: PreAct ResNet-18, 200 ep
-    python iaat.py --dataset cifar100 --model wrn32-10
+    python iaat.py --dataset cifar100 --model wrn32-10        # paper Table 10 preset
     torchrun --standalone --nproc_per_node=8 iaat.py --dataset cifar10   # DDP, one eps memory
-    python iaat.py --dataset cifar10 --amp bf16 --compile    # bf16 autocast, compiled
     python iaat.py eval runs/digits-smallcnn-iaat-seed0      # the paper's evaluation (iaat_eval.py)
-    torchrun --nproc_per_node=8 imagenet/train.py --data DIR # ImageNet, Table 11 (its README)
-
-Measured (README; digits, seeds 0-2, 2-core CPU, 30 epochs, PGD-20 at 51/255): IAAT natural
-0.984 +- 0.000, PGD 0.563 +- 0.020; PGD-AT 0.968 +- 0.002, 0.557 +- 0.019; ~1 min a run.
 
 Images live in [0,1] with normalisation inside the model, so every eps, gamma and step in
 the Python API is in pixel units; the CLI takes the paper's 0-255 units. Sections: config;
@@ -27,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Optional, Union
@@ -44,11 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# the run machinery beside this file: torchrun's process group, the run folder's files, SIGTERM
+from iaat_run import (Dist, all_sum, any_process, atomic_write, claim_run_dir, current_dist,
+                      gather_everywhere, process_group, read_metrics, sigterm_flag,
+                      write_eps_history, write_json, write_metrics)
+
 PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
 
-# ============================================================================================
-# Config and the paper's presets
-# ============================================================================================
+# ===== Config and the paper's presets =======================================================
 
 class IAATError(Exception):
     """A user-facing error: the CLI prints its message on one line and exits non-zero."""
@@ -163,22 +156,15 @@ def shorten(cfg: Config, epochs: Optional[int]) -> Config:
 
 def check_config(cfg: Config) -> Config:
     """`cfg`, if its settings can be right; else IAATError with a one-line reason."""
-    for name in ("method", "attack_bn", "amp", "channels_last"):
-        if getattr(cfg, name) not in CHOICES[name]:
-            raise IAATError(f"--{name.replace('_', '-')} must be one of "
-                            f"{', '.join(CHOICES[name])}, not {getattr(cfg, name)!r}")
-    for name in ("eps_w", "gamma", "eps_init", "eps_min", "eps_max", "step_size", "eps_test",
-                 "select_step_size", "eval_step_size", "line_eta", "line_max", "weight_decay",
-                 "momentum", "step_rel"):
-        value = getattr(cfg, name)
-        if value is not None and not 0 <= value < math.inf:
-            raise IAATError(f"--{name.replace('_', '-')} must be a finite number >= 0, got "
+    for name, value in ((k, getattr(cfg, k)) for k in cfg.__dataclass_fields__):
+        flag = "--" + name.replace("_", "-")
+        if name in ("method", "attack_bn", "amp", "channels_last") and value not in CHOICES[name]:
+            raise IAATError(f"{flag} must be one of {', '.join(CHOICES[name])}, not {value!r}")
+        if name in _NON_NEGATIVE and value is not None and not 0 <= value < math.inf:
+            raise IAATError(f"{flag} must be a finite number >= 0, got "
                             f"{_show(name, value)}{'/255' if name in _UNITS else ''}")
-    for name in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_batch", "eval_subset",
-                 "select_steps"):
-        value = getattr(cfg, name)
-        if value is not None and value < (0 if name in ("epochs", "eval_subset") else 1):
-            raise IAATError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if name in _AT_LEAST and value is not None and value < _AT_LEAST[name]:
+            raise IAATError(f"{flag} must be positive, got {value}")
     for wrong, message in (
             (not 0 < cfg.beta <= 1, f"--beta must be in (0, 1], got {cfg.beta}"),
             (cfg.eps_max is not None and cfg.eps_max < cfg.eps_min, "--eps-max must be >= --eps-min"),
@@ -191,6 +177,9 @@ def check_config(cfg: Config) -> Config:
     return cfg
 
 _UNITS = {f.name for f in dataclasses.fields(Config) if f.metadata["unit"]}  # typed as x/255
+_NON_NEGATIVE = _UNITS | {"weight_decay", "momentum", "step_rel"}
+_AT_LEAST = dict(dict.fromkeys(("batch_size", "attack_steps", "eval_steps", "eval_batch",
+                                 "select_steps"), 1), epochs=0, eval_subset=0)
 
 def _show(name: str, value, unit: Optional[bool] = None) -> str:
     """A value in the CLI's units, as a user types it: '8' for 8/255, '13 17' for a tuple."""
@@ -198,7 +187,7 @@ def _show(name: str, value, unit: Optional[bool] = None) -> str:
         return " ".join(_show(name, v, unit) for v in value)
     if isinstance(value, float) and (name in _UNITS if unit is None else unit):
         return f"{value * PIXEL:g}"
-    return "preset" if value is None and name == "model" else str(value)
+    return "resnet18 on CIFAR" if value is None and name == "model" else str(value)
 
 def _changed(cfg: Config, skip=Config.RUNTIME) -> list:
     """(name, value) of every setting that differs from the dataset and model's preset."""
@@ -234,9 +223,7 @@ def command_line(cfg: Config, script: str = "iaat.py") -> str:
             words += [flag, _show(name, value)]
     return " ".join(words)
 
-# ============================================================================================
-# Data: whole datasets as uint8 tensors on the device, augmented in batches there
-# ============================================================================================
+# ===== Data: whole datasets as uint8 tensors on the device, augmented in batches there ======
 
 @dataclass
 class Data:
@@ -321,9 +308,7 @@ def epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
     """The data order and augmentation of one epoch depend on (seed, epoch) only."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
-# ============================================================================================
-# Models: normalisation lives inside the model, so every eps is in pixel units
-# ============================================================================================
+# ===== Models: normalisation lives inside the model, so every eps is in pixel units =========
 
 class Normalize(nn.Module):
     def __init__(self, mean, std):
@@ -545,9 +530,7 @@ def select_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_prev:
 
 # ------------------------------------- end of the core --------------------------------------
 
-# ============================================================================================
-# Algorithm 1: one training step (and the PGD-AT and clean baselines)
-# ============================================================================================
+# ===== Algorithm 1: one training step (and the PGD-AT and clean baselines) ==================
 
 Step = Union[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]  # a step per sample
 
@@ -575,10 +558,10 @@ def attack_settings(cfg: Config, steps: Optional[int] = None) -> dict:
     step_rel * eps_i / k), or of another attack with `steps`; fp16: loss-scaled gradients."""
     steps = steps or cfg.attack_steps
     step = cfg.step_size if cfg.step_rel is None else lambda eps: cfg.step_rel * eps / steps
-    if cfg.amp != "fp16":
-        return {"steps": steps, "step_size": step, "grad_fn": None}
-    from iaat_fp16 import fp16_input_grad  # the fp16 extension, beside this file
-    return {"steps": steps, "step_size": step, "grad_fn": fp16_input_grad}
+    grad_fn = None
+    if cfg.amp == "fp16":
+        from iaat_fp16 import fp16_input_grad as grad_fn  # the fp16 extension, beside this file
+    return {"steps": steps, "step_size": step, "grad_fn": grad_fn}
 
 def choose_epsilon(model, x, y, idx, mem: torch.Tensor, epoch: int, cfg: Config) -> torch.Tensor:
     """Alg 1 l.3-6: eps_w in warmup, otherwise Alg 2 (or the line search); updates mem[idx].
@@ -688,29 +671,11 @@ def make_state(model: nn.Module, cfg: Config, n: int, opt=None, sched=None) -> T
                       torch.full((n,), eps_init, device=device),
                       torch.zeros(n, dtype=torch.int32, device=device))
 
-# ============================================================================================
-# torchrun: processes, shards of each global batch, one consistent eps memory
-# ============================================================================================
+# ===== torchrun: devices, shards of each global batch, one consistent eps memory ============
 
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:  # rank 0 alone logs and writes files
-        return self.rank == 0
-
-def current_dist() -> Dist:
-    import torch.distributed as tdist
-    if not (tdist.is_available() and tdist.is_initialized()):
-        return Dist()
-    return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
+def pick_device(name: str, local_rank: Optional[int] = None) -> torch.device:
     """auto: this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -719,56 +684,6 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         raise IAATError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
                         "run one process per GPU")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
-def init_distributed(device_name: str) -> bool:
-    """Join the process group when torchrun started us with more than one process (it sets
-    RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables): nccl on GPUs, gloo on CPU."""
-    import torch.distributed as tdist
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or tdist.is_initialized():
-        return False
-    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # After a restart (--max-restarts) torchrun's store still holds the addresses of the
-        # dead attempt's processes, and gloo would connect to those; key this attempt apart.
-        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-        base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=False)
-        tdist.init_process_group(backend, store=tdist.PrefixStore(f"iaat/attempt{attempt}", base),
-                                 rank=rank, world_size=world)
-    else:
-        tdist.init_process_group(backend)
-    return True
-
-@contextmanager
-def process_group(device_name: str):
-    """Run a block in torchrun's process group (if torchrun started more than one process).
-    When the block ends normally, every process waits for the others before any tears the
-    group down: a process that left while another still used gloo died with SIGABRT
-    ("terminate called without an active exception")."""
-    joined = init_distributed(device_name)
-    try:
-        yield
-        if joined:
-            torch.distributed.barrier()
-    finally:
-        if joined:
-            torch.distributed.destroy_process_group()
-
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all processes (in place); a no-op in a single process."""
-    if current_dist().world > 1:
-        torch.distributed.all_reduce(t)
-    return t
-
-def any_process(flag: bool, device) -> bool:
-    """True on every process if it is true on one (all processes stop at the same step)."""
-    if current_dist().world == 1:
-        return flag
-    return bool(all_sum(torch.tensor([float(flag)], device=device)) > 0)
 
 def shard(chunk: torch.Tensor, d: Dist) -> torch.Tensor:
     """This process's part of a global batch: contiguous, disjoint, sizes differ by at most
@@ -800,14 +715,6 @@ def sync_buffers(model: nn.Module) -> None:
         for b in model.buffers():
             torch.distributed.broadcast(b, 0)
 
-def gather_everywhere(value) -> list:
-    """Every process's `value` (a small picklable object), in rank order, on every process."""
-    everyone = [None] * current_dist().world
-    if len(everyone) == 1:
-        return [value]
-    torch.distributed.all_gather_object(everyone, value)
-    return everyone
-
 def same_everywhere(value, what: str) -> list:
     """Every process's `value`; IAATError on every process if they differ (e.g. where each one
     resumes: the run folder must be on a filesystem all of them share)."""
@@ -817,26 +724,9 @@ def same_everywhere(value, what: str) -> list:
                         "filesystem all of them share?")
     return everyone
 
-# ============================================================================================
-# Checkpoints and resume: atomic writes, weights_only loading, one folder per run
-# ============================================================================================
+# ===== Checkpoints and resume: weights_only loading, one folder per run ======================
 
 OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "eps_history.npy", "summary.json", "config.json")
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`: a kill at
-    any moment leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
 
 def config_dict(cfg: Config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
@@ -926,45 +816,7 @@ def restore(ckpt: dict, path: Path, s: TrainState, data_state: bool = True) -> d
     s.epoch, s.step = ckpt["epoch"], ckpt["step"]
     return ckpt["totals"]
 
-def claim_run_dir(out: Path):
-    """Create the run folder and lock it for this process (two copies of one command must not
-    train into one folder); remove temporary files a killed writer left. Returns the lock."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".lock", "w")
-    try:
-        import fcntl
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # no fcntl (Windows): run unlocked
-        pass
-    except OSError:
-        lock.close()
-        raise IAATError(f"another process is training in {out}; wait for it or stop it") from None
-    for stale in out.glob(".*.tmp*"):
-        stale.unlink()
-    return lock
-
-def read_metrics(path: Path, upto_epoch: int) -> list:
-    """The metrics lines of epochs <= upto_epoch (a resumed run drops lines written later)."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [r for r in map(json.loads, filter(str.strip, lines)) if r["epoch"] <= upto_epoch]
-
-def write_metrics(path: Path, rows: list) -> None:
-    atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-
-def write_eps_history(path: Path, history: np.ndarray) -> None:
-    """(epochs, n_train): the eps memory after each epoch, row e = after epoch e+1."""
-    def save(p):
-        with open(p, "wb") as f:  # a file, as np.save would add .npy to the temporary name
-            np.save(f, history)
-    atomic_write(path, save)
-
-# ============================================================================================
-# The training loop: Alg 1 over epochs, with checkpoints, resume and SIGTERM
-# ============================================================================================
-
-class _Stop:
-    """Set by SIGTERM; the loop checkpoints at the next step boundary and exits."""
-    requested = False
+# ===== The training loop: Alg 1 over epochs, with checkpoints, resume and SIGTERM ===========
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """Train one run into run_dir(cfg), resuming if its checkpoint exists; return the summary.
@@ -1042,10 +894,7 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
     d, device, ckpt_path = current_dist(), s.mem.device, out / "checkpoint.pt"
     rows, history, lock = _open_folder(cfg, s, out, log, history_dtype)
     totals = totals if d.main else {}  # the saved totals are counted on rank 0
-    _Stop.requested, handler = False, None
-    if threading.current_thread() is threading.main_thread():
-        handler = signal.signal(signal.SIGTERM, lambda *_: setattr(_Stop, "requested", True))
-    try:
+    with sigterm_flag() as sigterm, lock or nullcontext():  # the lock is a file: closed after
         while s.epoch < cfg.epochs:
             t0 = time.time() - totals.get("time", 0.0)
             sums = {k: torch.tensor(v, device=device) for k, v in totals.items() if k != "time"}
@@ -1063,7 +912,7 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
                 bar.update()
                 if on_step is not None:
                     on_step(s, sums)
-                stop = any_process(_Stop.requested, device)
+                stop = any_process(sigterm.requested, device)
                 if s.step < steps_per_epoch and (
                         stop or (cfg.save_every and s.step % cfg.save_every == 0)):
                     totals = global_totals(sums)
@@ -1085,13 +934,8 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
             totals = {}
             log(format_row(rows[-1], cfg))
             history = _save_epoch(cfg, s, out, rows, history) if d.main else history
-            if any_process(_Stop.requested, device):
+            if any_process(sigterm.requested, device):
                 raise SystemExit(_stopped(s, out, log))
-    finally:
-        if handler is not None:
-            signal.signal(signal.SIGTERM, handler)
-        if lock is not None:
-            lock.close()
     return rows, history
 
 def _open_folder(cfg: Config, s: TrainState, out: Path, log, history_dtype) -> tuple:
@@ -1109,7 +953,7 @@ def _open_folder(cfg: Config, s: TrainState, out: Path, log, history_dtype) -> t
     lock = problem = None
     try:
         lock = claim_run_dir(out) if d.main else None
-    except IAATError as err:
+    except OSError as err:  # another process holds the lock, no permission, ...
         problem = err
     if any_process(problem is not None, s.mem.device):  # every process stops, not rank 0 alone
         raise problem or IAATError(f"rank 0 could not claim {out}")
@@ -1167,12 +1011,9 @@ def format_row(r: dict, cfg: Config) -> str:
 
 def plot_run(out: Path, rows: list, history: np.ndarray, warmup: int = 0) -> None:
     """curves.png, eps_hist.png and eps_mean.png (drawn by iaat_eval, with matplotlib)."""
-    import iaat_eval
-    iaat_eval.plot_run(out, rows, history, warmup)
+    __import__("iaat_eval").plot_run(out, rows, history, warmup)
 
-# ============================================================================================
-# The end-of-training evaluation: natural and PGD accuracy on the test set
-# ============================================================================================
+# ===== The end-of-training evaluation: natural and PGD accuracy on the test set =============
 
 def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
              step_size: float, restarts: int = 1, batch_size: int = 500,
@@ -1238,9 +1079,7 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, histor
         f"{summary['train_seconds']:.0f}s training | {out}")
     return summary
 
-# ============================================================================================
-# CLI: `python iaat.py [flags]` trains; `python iaat.py eval RUN` evaluates (iaat_eval.py)
-# ============================================================================================
+# ===== CLI: `python iaat.py [flags]` trains; `python iaat.py eval RUN` evaluates (iaat_eval.py) ===
 
 class CLIParser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
@@ -1249,19 +1088,14 @@ class CLIParser(argparse.ArgumentParser):
 def add_config_flags(p: argparse.ArgumentParser, cls=Config, presets=PRESETS, skip=(),
                      choices=None, aliases=None) -> None:
     """One flag per field of `cls` (Config or a subclass), its help with unit, paper source and
-    the presets' defaults; a flag not given stays None (the preset decides)."""
+    default (the preset's, where one sets it); a flag not given stays None (the preset decides)."""
     choices, aliases = {**CHOICES, **(choices or {})}, {"eps_w": ["--eps"], **(aliases or {})}
     for f in (f for f in dataclasses.fields(cls) if f.name not in skip):
-        unit, show = f.metadata["unit"], lambda v: _show(f.name, v, bool(f.metadata["unit"]))
-        per = [(k, show(p[f.name])) for k, p in presets.items() if f.name in p]
-        if presets is PRESETS and per:  # 'digits 0.05, cifar 0.1, wrn32-10 0.2'
-            cifar = "resnet18" if f.name == "model" else show(f.default)
-            per = [per[0], ("cifar", cifar)] + [(k, v) for k, v in per[1:] if (k, v) != (
-                "resnet18", cifar)]
-        default = ", ".join(f"{k} {v}" for k, v in per) if len(per) > 1 else \
-            per[0][1] if per else show(f.default)
-        kw = dict(dest=f.name, default=None, help=f"{f.metadata['help']} "
-                  f"[{'x/255; ' if unit else ''}default: {default}]")
+        unit = f.metadata["unit"]
+        per = ", ".join(f"{k} {_show(f.name, p[f.name], bool(unit))}" for k, p in presets.items()
+                        if f.name in p)
+        kw = dict(dest=f.name, default=None, help=f"{f.metadata['help']} [{'x/255; ' if unit else ''}"
+                  f"default: {_show(f.name, f.default, bool(unit))}{'; presets: ' + per if per else ''}]")
         names = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, [])]
         if f.type == "bool":
             p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
@@ -1304,7 +1138,7 @@ def main(argv=None) -> int:
         return iaat_eval.main(argv[1:])
     try:
         cfg = config_from_args(argv)
-        with process_group(cfg.device):
+        with process_group(pick_device(cfg.device)):
             train(cfg)
     except (IAATError, OSError) as err:  # OSError: full disk, no permission, --out a file, ...
         print(f"iaat: error: {err}", file=sys.stderr)

@@ -369,7 +369,7 @@ def config_from_args(argv) -> ImageNetConfig:
 def main(argv=None) -> int:
     try:
         c = config_from_args(sys.argv[1:] if argv is None else argv)
-        with iaat.process_group(c.device):
+        with iaat.process_group(iaat.pick_device(c.device)):
             if not c.evaluate_only:
                 train(c)
             evaluate_run(c)

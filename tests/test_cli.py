@@ -142,7 +142,7 @@ def test_a_run_folder_is_locked_and_stale_temporary_files_go(tmp_path):
     (tmp_path / ".checkpoint.pt.tmp999").write_bytes(b"left by a killed writer")
     lock = iaat.claim_run_dir(tmp_path)
     assert not (tmp_path / ".checkpoint.pt.tmp999").exists()
-    with pytest.raises(iaat.IAATError, match="another process is training"):
+    with pytest.raises(BlockingIOError, match="another process is training"):
         iaat.claim_run_dir(tmp_path)
     lock.close()
     iaat.claim_run_dir(tmp_path).close()

@@ -1,0 +1,181 @@
+"""The run machinery behind iaat.py, which nothing of the algorithm depends on:
+
+- torchrun's process group: join it, leave it together, this process's rank, collectives;
+- the run folder's files: writes that survive a kill at any moment, the lock that keeps two
+  trainings out of one folder, the metrics and eps-history files;
+- the SIGTERM flag the training loop polls.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+
+# ===== torchrun's process group ==============================================================
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:  # rank 0 alone logs and writes files
+        return self.rank == 0
+
+
+def current_dist() -> Dist:
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return Dist()
+    return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group when torchrun started us with more than one process (it sets
+    RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables): nccl for a GPU `device` (this
+    process's), gloo for the CPU. Returns whether it joined."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or tdist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # After a restart (--max-restarts) torchrun's store still holds the addresses of the
+        # dead attempt's processes, and gloo would connect to those; key this attempt apart.
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=False)
+        tdist.init_process_group(backend, store=tdist.PrefixStore(f"iaat/attempt{attempt}", base),
+                                 rank=rank, world_size=world)
+    else:
+        tdist.init_process_group(backend)
+    return True
+
+
+@contextmanager
+def process_group(device: torch.device):
+    """Run a block in torchrun's process group (if torchrun started more than one process).
+    When the block ends normally, every process waits for the others before any tears the
+    group down: a process that left while another still used gloo died with SIGABRT
+    ("terminate called without an active exception")."""
+    joined = init_distributed(device)
+    try:
+        yield
+        if joined:
+            tdist.barrier()
+    finally:
+        if joined:
+            tdist.destroy_process_group()
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (in place); a no-op in a single process."""
+    if current_dist().world > 1:
+        tdist.all_reduce(t)
+    return t
+
+
+def any_process(flag: bool, device) -> bool:
+    """True on every process if it is true on one (all processes stop at the same step)."""
+    if current_dist().world == 1:
+        return flag
+    return bool(all_sum(torch.tensor([float(flag)], device=device)) > 0)
+
+
+def gather_everywhere(value) -> list:
+    """Every process's `value` (a small picklable object), in rank order, on every process."""
+    everyone = [value] * current_dist().world
+    if len(everyone) > 1:
+        tdist.all_gather_object(everyone, value)
+    return everyone
+
+
+# ===== The run folder's files ================================================================
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename over `path`: a kill at
+    any moment leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def claim_run_dir(out: Path):
+    """Create the run folder and lock it for this process (two copies of one command must not
+    train into one folder); remove temporary files a killed writer left. Returns the lock;
+    BlockingIOError if another process holds it."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): run unlocked
+        pass
+    except OSError:
+        lock.close()
+        raise BlockingIOError(f"another process is training in {out}; wait for it or stop "
+                              "it") from None
+    for stale in out.glob(".*.tmp*"):
+        stale.unlink()
+    return lock
+
+
+def read_metrics(path: Path, upto_epoch: int) -> list:
+    """The metrics lines of epochs <= upto_epoch (a resumed run drops lines written later)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in map(json.loads, filter(str.strip, lines)) if r["epoch"] <= upto_epoch]
+
+
+def write_metrics(path: Path, rows: list) -> None:
+    atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def write_eps_history(path: Path, history: np.ndarray) -> None:
+    """(epochs, n_train): the eps memory after each epoch, row e = after epoch e+1."""
+    def save(p):
+        with open(p, "wb") as f:  # a file, as np.save would add .npy to the temporary name
+            np.save(f, history)
+    atomic_write(path, save)
+
+
+# ===== SIGTERM ===============================================================================
+
+class StopFlag:
+    """Set by SIGTERM while `sigterm_flag()` is active; the loop checkpoints and exits."""
+    requested = False
+
+
+@contextmanager
+def sigterm_flag():
+    """Within the block, SIGTERM sets StopFlag.requested instead of killing the process (only
+    the main thread can install a handler; elsewhere the flag stays False)."""
+    StopFlag.requested, handler = False, None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGTERM, lambda *_: setattr(StopFlag, "requested", True))
+    try:
+        yield StopFlag
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
