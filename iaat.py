@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -35,16 +34,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # the run machinery beside this file: torchrun's process group, the run folder's files, SIGTERM
-from iaat_run import (Dist, all_sum, any_process, atomic_write, claim_run_dir, current_dist,
-                      gather_everywhere, process_group, read_metrics, sigterm_flag,
-                      write_eps_history, write_json, write_metrics)
+from iaat_run import (CLIParser, Dist, IAATError, agreement, all_sum, any_process, atomic_write,
+                      claim_run_dir, current_dist, global_totals, local_rank_zero_first,
+                      pick_device, process_group,
+                      read_metrics, same_everywhere, sigterm_flag, write_eps_history, write_json,
+                      write_metrics)
 
 PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
 
 # ===== Config and the paper's presets =======================================================
-
-class IAATError(Exception):
-    """A user-facing error: the CLI prints its message on one line and exits non-zero."""
 
 def option(default, help: str, unit: str = ""):
     """A config field whose help becomes its --help text; unit='/255' is entered in 0-255."""
@@ -627,16 +625,13 @@ def train_step(s: TrainState, x, y, idx, cfg: Config) -> dict:
                  "eps": eps.sum(), "n": torch.tensor(len(y), device=y.device)}
         return dict(stats, clean_acc=correct.sum()) if cfg.method == "iaat" else stats
 
-def optimizer_step(opt, loss: torch.Tensor, scaler=None) -> None:
-    """Backward and SGD step; through the fp16 GradScaler when one is enabled."""
+def optimizer_step(opt, loss: torch.Tensor, scaler: torch.amp.GradScaler) -> None:
+    """Backward and SGD step through the GradScaler: loss-scaled under fp16; a disabled scaler
+    (every other --amp) passes the loss and the step through unchanged."""
     opt.zero_grad(set_to_none=True)
-    if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
 
 def autocast(cfg: Config, device: torch.device):
     """torch.autocast in --amp's dtype (disabled for none). The attacks inside run in it too."""
@@ -673,18 +668,6 @@ def make_state(model: nn.Module, cfg: Config, n: int, opt=None, sched=None) -> T
 
 # ===== torchrun: devices, shards of each global batch, one consistent eps memory ============
 
-def pick_device(name: str, local_rank: Optional[int] = None) -> torch.device:
-    """auto: this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise IAATError("--device cuda was asked for, but no CUDA device is available")
-    if name == "cuda" and local_rank >= torch.cuda.device_count():
-        raise IAATError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                        "run one process per GPU")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
 def shard(chunk: torch.Tensor, d: Dist) -> torch.Tensor:
     """This process's part of a global batch: contiguous, disjoint, sizes differ by at most
     one, so the per-process batch is global batch / world and every index is visited once."""
@@ -714,15 +697,6 @@ def sync_buffers(model: nn.Module) -> None:
     if current_dist().world > 1:
         for b in model.buffers():
             torch.distributed.broadcast(b, 0)
-
-def same_everywhere(value, what: str) -> list:
-    """Every process's `value`; IAATError on every process if they differ (e.g. where each one
-    resumes: the run folder must be on a filesystem all of them share)."""
-    everyone = gather_everywhere(value)
-    if any(v != everyone[0] for v in everyone):
-        raise IAATError(f"the processes disagree on {what}: {everyone}; is --out on a "
-                        "filesystem all of them share?")
-    return everyone
 
 # ===== Checkpoints and resume: weights_only loading, one folder per run ======================
 
@@ -832,11 +806,8 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
         raise IAATError(f"checkpoint {out / 'checkpoint.pt'} was written on {ckpt['device']}, this "
                         f"run is on {device.type}; resume on {ckpt['device']} (--device) for the "
                         "same result")
-    if d.local_rank > 0:  # local rank 0 downloads first; the others then read its files
-        torch.distributed.barrier()
-    data = load_data(cfg, device)
-    if d.world > 1 and d.local_rank == 0:
-        torch.distributed.barrier()
+    with local_rank_zero_first():  # it downloads; the others then read its files
+        data = load_data(cfg, device)
     n, bs = len(data.train_y), cfg.batch_size
     if bs < d.world:
         raise IAATError(f"--batch-size {bs} is smaller than the {d.world} processes")
@@ -881,15 +852,12 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
                steps_per_epoch: int, shard_size: int, log: Callable[[str], None], *,
                epoch_eval: Optional[Callable[[], dict]] = None, on_step: Optional[Callable] = None,
                lr_per_step: bool = False, history_dtype=np.float32) -> tuple:
-    """Alg 1 from s.epoch, s.step to cfg.epochs; returns (metrics rows, eps history).
-
-    `batches(epoch, start)` gives the epoch's (x, y, idx) from step `start` and its data
-    generator (saved mid-epoch); `totals`: the epoch's sums so far, from the checkpoint.
-    Every process calls this; `shard_size` >= each one's images per step. Each epoch ends
-    with its metrics row (plus `epoch_eval()`), eps history, checkpoint and plots; every
-    process calls `on_step(s, sums)` after each step (ImageNet logs there). The LR schedule
-    steps once per epoch, or once per step with `lr_per_step` (ImageNet's warmup).
-    """
+    """Alg 1 from s.epoch, s.step to cfg.epochs, on every process; returns (metrics rows, eps
+    history). `batches(epoch, start)`: the epoch's (x, y, idx) from step `start`, and its data
+    generator (saved mid-epoch); `totals`: the epoch's sums so far; `shard_size` >= each
+    process's images per step. An epoch ends with its metrics row (plus `epoch_eval()`), eps
+    history, checkpoint and plots. `on_step(s, sums)` runs after each step (ImageNet logs);
+    the LR steps per epoch, or per step with `lr_per_step` (ImageNet's warmup)."""
     from tqdm import tqdm  # the plain bar: silent outside a terminal, notebooks included
     d, device, ckpt_path = current_dist(), s.mem.device, out / "checkpoint.pt"
     rows, history, lock = _open_folder(cfg, s, out, log, history_dtype)
@@ -950,13 +918,7 @@ def _open_folder(cfg: Config, s: TrainState, out: Path, log, history_dtype) -> t
     if d.rank > 0:
         torch.manual_seed(cfg.seed + 7919 * d.rank + 104729 * (s.epoch * 100_003 + s.step))
     same_everywhere((s.epoch, s.step), "the epoch and step to resume at")
-    lock = problem = None
-    try:
-        lock = claim_run_dir(out) if d.main else None
-    except OSError as err:  # another process holds the lock, no permission, ...
-        problem = err
-    if any_process(problem is not None, s.mem.device):  # every process stops, not rank 0 alone
-        raise problem or IAATError(f"rank 0 could not claim {out}")
+    lock = claim_run_dir(out, s.mem.device)
     if fresh and d.main:
         write_json(out / "config.json", config_dict(cfg))
     return read_metrics(out / "metrics.jsonl", s.epoch), history, lock
@@ -978,11 +940,6 @@ def _stopped(s: TrainState, out: Path, log) -> int:
     log(f"SIGTERM: checkpoint saved at epoch {s.epoch} step {s.step} in {out}; rerun the same "
         "command to resume")
     return 143
-
-def global_totals(sums: dict) -> dict:
-    """The epoch's running sums over all processes, as floats (one all-reduce)."""
-    keys = sorted(sums)
-    return dict(zip(keys, all_sum(torch.stack([sums[k].double() for k in keys])).tolist()))
 
 def check_finite(loss: float, s: TrainState, ckpt_path: Path) -> None:
     """Stop before a non-finite loss or weight reaches a checkpoint; the last good one stays."""
@@ -1035,19 +992,10 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: floa
     clean, robust = (all_sum(counts) if distributed else counts).tolist()
     return {"clean": clean / len(y), "robust": robust / len(y)}
 
-def agreement(s: TrainState) -> tuple:
+def same_state(s: TrainState) -> tuple:
     """SHA-1s of every process's eps memory and model; IAATError if the processes differ."""
-    import hashlib
-    found = []
-    for name, tensors in (("eps memories", [s.mem]),
-                          ("models (weights and BN statistics)", s.model.state_dict().values())):
-        h = hashlib.sha1()
-        for t in tensors:
-            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-        found.append(gather_everywhere(h.hexdigest()))
-        if len(set(found[-1])) > 1:
-            raise IAATError(f"the {name} of the {len(found[-1])} processes differ: {found[-1]}")
-    return tuple(found)
+    return agreement({"eps memories": [s.mem],
+                      "models (weights and BN statistics)": s.model.state_dict().values()})
 
 def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, history, log) -> dict:
     """Natural and PGD-20 accuracy on the whole test set at eps_test, summary.json and a line;
@@ -1055,7 +1003,7 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, histor
     was selected once per epoch after warmup."""
     acc = evaluate(s.model, data.test_x, data.test_y, eps=cfg.eps_test, steps=cfg.eval_steps,
                    step_size=cfg.eval_step_size, batch_size=cfg.eval_batch, distributed=True)
-    mems, models = agreement(s)
+    mems, models = same_state(s)
     expected = max(0, rows[-1]["epoch"] - cfg.warmup) if cfg.method == "iaat" and rows else 0
     if rows and not bool((s.visits == expected).all()):
         raise IAATError(f"some images were not selected exactly once per epoch after warmup "
@@ -1080,10 +1028,6 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, histor
     return summary
 
 # ===== CLI: `python iaat.py [flags]` trains; `python iaat.py eval RUN` evaluates (iaat_eval.py) ===
-
-class CLIParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
-        self.exit(2, f"iaat: error: {message} (see --help)\n")
 
 def add_config_flags(p: argparse.ArgumentParser, cls=Config, presets=PRESETS, skip=(),
                      choices=None, aliases=None) -> None:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -14,11 +15,20 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as tdist
+
+
+class IAATError(Exception):
+    """A user-facing error: the CLI prints its message on one line and exits non-zero."""
+
+
+class CLIParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
+        self.exit(2, f"iaat: error: {message} (see --help)\n")
 
 
 # ===== torchrun's process group ==============================================================
@@ -39,6 +49,19 @@ def current_dist() -> Dist:
     if not (tdist.is_available() and tdist.is_initialized()):
         return Dist()
     return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(name: str, local_rank: Optional[int] = None) -> torch.device:
+    """auto: this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise IAATError("--device cuda was asked for, but no CUDA device is available")
+    if name == "cuda" and local_rank >= torch.cuda.device_count():
+        raise IAATError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                        "run one process per GPU")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def init_distributed(device: torch.device) -> bool:
@@ -62,6 +85,18 @@ def init_distributed(device: torch.device) -> bool:
     else:
         tdist.init_process_group(backend)
     return True
+
+
+@contextmanager
+def local_rank_zero_first():
+    """Run a block on each machine's local rank 0 first, then on its other processes (say, a
+    download that the others then read)."""
+    d = current_dist()
+    if d.local_rank > 0:
+        tdist.barrier()
+    yield
+    if d.world > 1 and d.local_rank == 0:
+        tdist.barrier()
 
 
 @contextmanager
@@ -102,6 +137,37 @@ def gather_everywhere(value) -> list:
     return everyone
 
 
+def global_totals(sums: dict) -> dict:
+    """Running sums (tensors) summed over all processes, as floats (one all-reduce)."""
+    keys = sorted(sums)
+    return dict(zip(keys, all_sum(torch.stack([sums[k].double() for k in keys])).tolist()))
+
+
+def same_everywhere(value, what: str) -> list:
+    """Every process's `value`; IAATError on every process if they differ (e.g. where each one
+    resumes: the run folder must be on a filesystem all of them share)."""
+    everyone = gather_everywhere(value)
+    if any(v != everyone[0] for v in everyone):
+        raise IAATError(f"the processes disagree on {what}: {everyone}; is --out on a "
+                        "filesystem all of them share?")
+    return everyone
+
+
+def agreement(groups: dict) -> tuple:
+    """SHA-1 of each named group of tensors on every process (e.g. the eps memories, the
+    models); IAATError if the processes' hashes of a group differ."""
+    import hashlib
+    found = []
+    for name, tensors in groups.items():
+        h = hashlib.sha1()
+        for t in tensors:
+            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        found.append(gather_everywhere(h.hexdigest()))
+        if len(set(found[-1])) > 1:
+            raise IAATError(f"the {name} of the {len(found[-1])} processes differ: {found[-1]}")
+    return tuple(found)
+
+
 # ===== The run folder's files ================================================================
 
 
@@ -122,10 +188,23 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
 
 
-def claim_run_dir(out: Path):
-    """Create the run folder and lock it for this process (two copies of one command must not
-    train into one folder); remove temporary files a killed writer left. Returns the lock;
-    BlockingIOError if another process holds it."""
+def claim_run_dir(out: Path, device) -> Optional[object]:
+    """Rank 0 creates the run folder and locks it (two copies of one command must not train
+    into one folder), and removes temporary files a killed writer left; it returns the lock,
+    the other processes None. Every process raises if rank 0 could not (BlockingIOError if
+    another process holds the lock), so none goes on alone."""
+    lock = problem = None
+    if current_dist().main:
+        try:
+            lock = _lock_folder(out)
+        except OSError as err:  # another process holds the lock, no permission, ...
+            problem = err
+    if any_process(problem is not None, device):
+        raise problem or OSError(f"rank 0 could not claim {out}")
+    return lock
+
+
+def _lock_folder(out: Path):
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / ".lock", "w")
     try:

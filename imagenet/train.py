@@ -263,7 +263,7 @@ def train(c: ImageNetConfig, log=print) -> Path:
         clock.update(time=now, step=s.step)
     iaat.train_loop(c, s, out, totals, batches, steps_per_epoch, c.batch_size, log,
                     on_step=progress, lr_per_step=True, history_dtype=np.float16)
-    iaat.agreement(s)
+    iaat.same_state(s)
     return out
 
 
