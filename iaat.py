@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 # the run machinery beside this file: torchrun's process group, the run folder's files, SIGTERM
 from iaat_run import (CLIParser, Dist, IAATError, agreement, all_sum, any_process, atomic_write,
-                      claim_run_dir, current_dist, global_totals, local_rank_zero_first,
+                      choose_threads, claim_run_dir, current_dist, global_totals, local_rank_zero_first,
                       pick_device, process_group,
                       read_metrics, same_everywhere, sigterm_flag, write_eps_history, write_json,
                       write_metrics)
@@ -102,6 +102,7 @@ class Config:
     data_root: str = option("data", "where CIFAR is read from (and downloaded to)")
     download: bool = option(True, "download CIFAR when it is missing")
     device: str = option("auto", "auto (cuda if available), cpu or cuda")
+    threads: Optional[int] = option(None, "CPU threads (default: the cores idle at the start)")
     save_every: int = option(0, "also checkpoint every N training steps (0: at epoch ends only)")
     plot_every: int = option(10, "rewrite the plots every N epochs (always at the end)")
     # speed: amp changes the arithmetic; the others change no number that matters
@@ -114,7 +115,7 @@ class Config:
     cudnn_benchmark: bool = option(True, "let cuDNN time its convolution algorithms (CUDA only)")
 
     RUNTIME: ClassVar[frozenset] = frozenset({  # may change between a run and its resumption
-        "out", "data_root", "download", "device", "save_every", "plot_every",
+        "out", "data_root", "download", "device", "threads", "save_every", "plot_every",
         "epochs", "eval_batch", "channels_last", "compile", "cudnn_benchmark"})
 
 # Paper Table 10 for CIFAR. Digits is this project's calibration (README): the paper's ratios
@@ -145,13 +146,6 @@ def make_config(dataset: str = "digits", model: Optional[str] = None, **override
     values.update({k: v for k, v in overrides.items() if v is not None})
     return check_config(Config(dataset=dataset, **values))
 
-def shorten(cfg: Config, epochs: Optional[int]) -> Config:
-    """The same run in `epochs` epochs with its LR milestones scaled; None: as it is."""
-    if not epochs:
-        return cfg
-    milestones = tuple(round(m * epochs / cfg.epochs) for m in cfg.lr_milestones)
-    return check_config(dataclasses.replace(cfg, epochs=epochs, lr_milestones=milestones))
-
 def check_config(cfg: Config) -> Config:
     """`cfg`, if its settings can be right; else IAATError with a one-line reason."""
     for name, value in ((k, getattr(cfg, k)) for k in cfg.__dataclass_fields__):
@@ -160,7 +154,7 @@ def check_config(cfg: Config) -> Config:
             raise IAATError(f"{flag} must be one of {', '.join(CHOICES[name])}, not {value!r}")
         if name in _NON_NEGATIVE and value is not None and not 0 <= value < math.inf:
             raise IAATError(f"{flag} must be a finite number >= 0, got "
-                            f"{_show(name, value)}{'/255' if name in _UNITS else ''}")
+                            f"{cli_value(name, value)}{'/255' if name in _UNITS else ''}")
         if name in _AT_LEAST and value is not None and value < _AT_LEAST[name]:
             raise IAATError(f"{flag} must be positive, got {value}")
     for wrong, message in (
@@ -179,15 +173,15 @@ _NON_NEGATIVE = _UNITS | {"weight_decay", "momentum", "step_rel"}
 _AT_LEAST = dict(dict.fromkeys(("batch_size", "attack_steps", "eval_steps", "eval_batch",
                                  "select_steps"), 1), epochs=0, eval_subset=0)
 
-def _show(name: str, value, unit: Optional[bool] = None) -> str:
+def cli_value(name: str, value, unit: Optional[bool] = None) -> str:
     """A value in the CLI's units, as a user types it: '8' for 8/255, '13 17' for a tuple."""
     if isinstance(value, tuple):
-        return " ".join(_show(name, v, unit) for v in value)
+        return " ".join(cli_value(name, v, unit) for v in value)
     if isinstance(value, float) and (name in _UNITS if unit is None else unit):
         return f"{value * PIXEL:g}"
     return "resnet18 on CIFAR" if value is None and name == "model" else str(value)
 
-def _changed(cfg: Config, skip=Config.RUNTIME) -> list:
+def preset_changes(cfg: Config, skip=Config.RUNTIME) -> list:
     """(name, value) of every setting that differs from the dataset and model's preset."""
     preset = make_config(cfg.dataset, cfg.model, method=cfg.method, seed=cfg.seed)
     return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(Config)
@@ -198,28 +192,15 @@ def run_dir(cfg: Config) -> Path:
     differs from the preset (e.g. -warmup0), so different commands never share a folder."""
     if cfg.out:
         return Path(cfg.out)
-    tags = [(k if v else f"no_{k}") if isinstance(v, bool) else k + (
-        "None" if v is None else "_".join(map(str, v)) if isinstance(v, tuple) else _show(k, v))
-        for k, v in _changed(cfg)]
+    tags = [(k if v else f"no_{k}") if isinstance(v, bool) else k + ("None" if v is None else
+            "_".join(map(str, v)) if isinstance(v, tuple) else cli_value(k, v))
+            for k, v in preset_changes(cfg)]
     name = f"{cfg.dataset}-{cfg.model}-{cfg.method}-seed{cfg.seed}" + "".join(f"-{t}" for t in tags)
     if len(name) > 120:  # too many overrides to spell out: a stable short hash instead
         import hashlib
         name = name[:name.index("-seed")] + f"-seed{cfg.seed}-" + \
             hashlib.sha1("".join(tags).encode()).hexdigest()[:10]
     return Path("runs") / name
-
-def command_line(cfg: Config, script: str = "iaat.py") -> str:
-    """The `python iaat.py ...` command that trains `cfg`: its dataset, method and seed, and
-    every setting that differs from the preset, in the CLI's units."""
-    words = ["python", script, "--dataset", cfg.dataset, "--method", cfg.method, "--seed",
-             str(cfg.seed)]
-    for name, value in _changed(cfg, skip={"dataset", "method", "seed"}):
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "--no-" + flag[2:])
-        elif value is not None:
-            words += [flag, _show(name, value)]
-    return " ".join(words)
 
 # ===== Data: whole datasets as uint8 tensors on the device, augmented in batches there ======
 
@@ -642,10 +623,9 @@ def uses_channels_last(cfg: Config, device: torch.device) -> bool:
                                          and cfg.amp != "none")
 
 def make_state(model: nn.Module, cfg: Config, n: int, opt=None, sched=None) -> TrainState:
-    """A fresh run's state: the model with the speed settings that change no algorithm
-    (cuDNN autotuning, channels_last, torch.compile with dynamic shapes, as the selection's
-    batches shrink) and in DDP under torchrun; SGD with the step schedule unless `opt` and
-    `sched` are given; the fp16 GradScaler; the eps memory of n images at eps_init."""
+    """A fresh run's state: the model with the speed settings (cuDNN autotuning, channels_last,
+    torch.compile with dynamic shapes for the selection's shrinking batches), DDP under torchrun,
+    SGD with the step schedule (or `opt`, `sched`), the fp16 GradScaler, eps memory at eps_init."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -814,6 +794,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if 0 < n % bs < d.world:
         raise IAATError(f"the last batch of each epoch ({n % bs} images) cannot be shared by "
                         f"{d.world} processes; choose another --batch-size")
+    cfg = use_threads(cfg, ckpt, log)
     torch.manual_seed(cfg.seed)
     s = make_state(build_model(cfg.model, data.num_classes, data.mean, data.std).to(device), cfg, n)
     totals = restore(ckpt, out / "checkpoint.pt", s) if ckpt is not None else {}
@@ -847,6 +828,15 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
                                math.ceil(bs / d.world), log,
                                epoch_eval=test_accuracy if cfg.eval_subset else None)
     return finish(cfg, s, data, out, rows, history, log)
+
+def use_threads(cfg: Config, ckpt: Optional[dict], log) -> Config:
+    """torch's CPU threads: --threads, else a resumed run's count (the same count gives the same
+    numbers), else the cores idle now (iaat_run.choose_threads); `cfg` records the count."""
+    saved = (ckpt or {}).get("config", {}).get("threads")
+    threads, why = choose_threads(cfg.threads or saved)
+    torch.set_num_threads(threads)
+    log(f"{threads} CPU thread{'s' * (threads > 1)} ({why if threads != saved else 'as before'})")
+    return dataclasses.replace(cfg, threads=threads)
 
 def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Callable,
                steps_per_epoch: int, shard_size: int, log: Callable[[str], None], *,
@@ -883,15 +873,13 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
                 stop = any_process(sigterm.requested, device)
                 if s.step < steps_per_epoch and (
                         stop or (cfg.save_every and s.step % cfg.save_every == 0)):
-                    totals = global_totals(sums)
-                    check_finite(totals["loss"], s, ckpt_path)
+                    totals = finite_totals(sums, s, ckpt_path)
                     if d.main:
                         save_checkpoint(ckpt_path, cfg, s, dict(totals, time=time.time() - t0), gen)
                     if stop:
                         raise SystemExit(_stopped(s, out, log))
             bar.close()
-            totals = global_totals(sums)
-            check_finite(totals["loss"], s, ckpt_path)
+            totals = finite_totals(sums, s, ckpt_path)
             if not lr_per_step:
                 s.sched.step()
             s.epoch, s.step = s.epoch + 1, 0
@@ -941,13 +929,17 @@ def _stopped(s: TrainState, out: Path, log) -> int:
         "command to resume")
     return 143
 
-def check_finite(loss: float, s: TrainState, ckpt_path: Path) -> None:
-    """Stop before a non-finite loss or weight reaches a checkpoint; the last good one stays."""
-    if not (math.isfinite(loss) and all(bool(torch.isfinite(p).all()) for p in s.model.parameters())):
+def finite_totals(sums: dict, s: TrainState, ckpt_path: Path) -> dict:
+    """The epoch's sums over all processes; IAATError before a non-finite loss or weight reaches
+    a checkpoint (the last good one stays)."""
+    totals = global_totals(sums)
+    if not (math.isfinite(totals["loss"]) and all(bool(torch.isfinite(p).all())
+                                                  for p in s.model.parameters())):
         kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else \
             "no checkpoint was written"
         raise IAATError(f"training loss became non-finite in epoch {s.epoch + 1} (by step "
                         f"{s.step}); {kept}; try a lower --lr")
+    return totals
 
 def epoch_row(s: TrainState, sums: dict, seconds: float, epoch_eval=None) -> dict:
     """The metrics of the epoch just done: its sums as means, then `epoch_eval()`."""
@@ -1015,8 +1007,8 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, histor
                "eps_test_255": cfg.eps_test * PIXEL,
                "eps_mean_255": float(s.mem.double().mean() * PIXEL) if rows else None,
                "eps_updates_per_sample": [int(s.visits.min()), int(s.visits.max())],
-               "processes": current_dist().world, "eps_memory_sha1_per_process": mems,
-               "model_sha1_per_process": models,
+               "processes": current_dist().world, "threads": cfg.threads,
+               "eps_memory_sha1_per_process": mems, "model_sha1_per_process": models,
                "train_seconds": round(sum(r["seconds"] for r in rows), 1)}
     if current_dist().main:
         write_json(out / "summary.json", summary)
@@ -1035,11 +1027,10 @@ def add_config_flags(p: argparse.ArgumentParser, cls=Config, presets=PRESETS, sk
     default (the preset's, where one sets it); a flag not given stays None (the preset decides)."""
     choices, aliases = {**CHOICES, **(choices or {})}, {"eps_w": ["--eps"], **(aliases or {})}
     for f in (f for f in dataclasses.fields(cls) if f.name not in skip):
-        unit = f.metadata["unit"]
-        per = ", ".join(f"{k} {_show(f.name, p[f.name], bool(unit))}" for k, p in presets.items()
-                        if f.name in p)
+        unit, show = f.metadata["unit"], lambda v: cli_value(f.name, v, bool(f.metadata["unit"]))
+        per = ", ".join(f"{k} {show(p[f.name])}" for k, p in presets.items() if f.name in p)
         kw = dict(dest=f.name, default=None, help=f"{f.metadata['help']} [{'x/255; ' if unit else ''}"
-                  f"default: {_show(f.name, f.default, bool(unit))}{'; presets: ' + per if per else ''}]")
+                  f"default: {show(f.default)}{'; presets: ' + per if per else ''}]")
         names = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, [])]
         if f.type == "bool":
             p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
@@ -1062,7 +1053,7 @@ def config_values(args: argparse.Namespace, cls=Config) -> dict:
 
 def config_from_args(argv) -> Config:
     """The Config of `python iaat.py ARGV`; the CLI is built from Config, a flag per field."""
-    presets = "\n".join(f"  {k}: " + ", ".join(f"{f}={_show(f, v)}" for f, v in p.items())
+    presets = "\n".join(f"  {k}: " + ", ".join(f"{f}={cli_value(f, v)}" for f, v in p.items())
                         for k, p in PRESETS.items())
     parser = CLIParser(prog="iaat", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter,

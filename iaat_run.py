@@ -3,7 +3,8 @@
 - torchrun's process group: join it, leave it together, this process's rank, collectives;
 - the run folder's files: writes that survive a kill at any moment, the lock that keeps two
   trainings out of one folder, the metrics and eps-history files;
-- the SIGTERM flag the training loop polls.
+- the SIGTERM flag the training loop polls;
+- how many CPU threads torch uses.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,3 +260,42 @@ def sigterm_flag():
     finally:
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
+
+
+# ===== CPU threads ===========================================================================
+
+def idle_cores(seconds: float = 0.5) -> Optional[float]:
+    """How many of the cores this process may run on were idle over the next `seconds`, from
+    /proc/stat (Linux); None where it cannot tell."""
+    def busy_and_total():
+        with open("/proc/stat") as f:
+            rows = {r[0]: [int(v) for v in r[1:9]] for r in map(str.split, f) if r[0].startswith("cpu")}
+        mine = [rows[f"cpu{c}"] for c in os.sched_getaffinity(0)]  # user .. steal of each core
+        return sum(sum(t) - t[3] - t[4] for t in mine), sum(map(sum, mine)), len(mine)
+    try:
+        busy0, total0, cores = busy_and_total()
+        time.sleep(seconds)
+        busy1, total1, _ = busy_and_total()
+    except (OSError, ValueError, KeyError, AttributeError):  # not Linux, or a /proc it can't read
+        return None
+    return cores * (1 - (busy1 - busy0) / max(total1 - total0, 1))
+
+
+def choose_threads(requested: Optional[int] = None) -> tuple:
+    """(threads, why): the number of CPU threads for torch's operators, and the reason.
+
+    torch's default is one thread per core. On a quiet machine that is fastest, but when
+    another process keeps a core busy, torch's threads wait on each other at every operator
+    (measured on 2 cores: up to 10x slower). So the default is the number of cores idle at the
+    start (an idle core counts from 70% idle), at least 1 and at most torch's default.
+    `requested` (--threads) or an OMP_NUM_THREADS the user set wins. It changes results: float
+    sums run in another order, so a run records the count it used."""
+    default = torch.get_num_threads()
+    if requested:
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return default, "OMP_NUM_THREADS"
+    idle = idle_cores()
+    if idle is None:
+        return default, "torch's default, one per core"
+    return max(1, min(default, int(idle + 0.3))), f"{idle:.1f} of {default} cores idle at the start"

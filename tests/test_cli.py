@@ -163,7 +163,8 @@ def test_help_explains_units_and_sources():
 ])
 def test_command_line_rebuilds_the_config(overrides):
     import iaat
+    import iaat_eval
     cfg = iaat.make_config("digits", **overrides)
-    cmd = iaat.command_line(cfg)
+    cmd = iaat_eval.command_line(cfg)
     assert cmd.startswith("python iaat.py --dataset digits --method ")
     assert iaat.config_from_args(cmd.split()[2:]) == cfg
