@@ -5,18 +5,11 @@ tradeoffs in neural nets", arXiv 1910.08051. PGD adversarial training puts one L
 around every training image; IAAT keeps a radius eps_i per image, grows it where the image
 survives a larger attack and shrinks it where another class lies close by (paper Alg 1 and 2).
 
-    pip install -r requirements.txt -e .       # set-up (CPU or GPU)
     python iaat.py                             # IAAT on the embedded digits data, CPU
     python iaat.py --method at                 # Madry PGD-AT baseline at the same eps
-    python iaat.py --dataset cifar10           # paper Table 10 preset: PreAct ResNet-18, 200 ep
-    python iaat.py --dataset cifar100 --model wrn32-10
+    python iaat.py --dataset cifar100 --model wrn32-10        # paper Table 10 preset
     torchrun --standalone --nproc_per_node=8 iaat.py --dataset cifar10   # DDP, one eps memory
-    python iaat.py --dataset cifar10 --amp bf16 --compile    # bf16 autocast, compiled
     python iaat.py eval runs/digits-smallcnn-iaat-seed0      # the paper's evaluation (iaat_eval.py)
-    torchrun --nproc_per_node=8 imagenet/train.py --data DIR # ImageNet, Table 11 (its README)
-
-Measured (README; digits, seeds 0-2, 2-core CPU, 30 epochs, PGD-20 at 51/255): IAAT natural
-0.984 +- 0.000, PGD 0.563 +- 0.020; PGD-AT 0.968 +- 0.002, 0.557 +- 0.019; ~1 min a run.
 
 Images live in [0,1] with normalisation inside the model, so every eps, gamma and step in
 the Python API is in pixel units; the CLI takes the paper's 0-255 units. Sections: config;
@@ -27,14 +20,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Optional, Union
@@ -44,14 +33,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# the run machinery beside this file: torchrun's process group, the run folder's files, SIGTERM
+from iaat_run import (CLIParser, Dist, IAATError, agreement, all_sum, any_process, atomic_write,
+                      choose_threads, claim_run_dir, current_dist, global_totals, local_rank_zero_first,
+                      pick_device, process_group,
+                      read_metrics, same_everywhere, sigterm_flag, write_eps_history, write_json,
+                      write_metrics)
+
 PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
 
-# ============================================================================================
-# Config and the paper's presets
-# ============================================================================================
-
-class IAATError(Exception):
-    """A user-facing error: the CLI prints its message on one line and exits non-zero."""
+# ===== Config and the paper's presets =======================================================
 
 def option(default, help: str, unit: str = ""):
     """A config field whose help becomes its --help text; unit='/255' is entered in 0-255."""
@@ -113,6 +104,7 @@ class Config:
     data_root: str = option("data", "where CIFAR is read from (and downloaded to)")
     download: bool = option(True, "download CIFAR when it is missing")
     device: str = option("auto", "auto (cuda if available), cpu or cuda")
+    threads: Optional[int] = option(None, "CPU threads (default: the cores idle at the start)")
     save_every: int = option(0, "also checkpoint every N training steps (0: at epoch ends only)")
     plot_every: int = option(10, "rewrite the plots every N epochs (always at the end)")
     # speed: amp changes the arithmetic; the others change no number that matters
@@ -125,7 +117,7 @@ class Config:
     cudnn_benchmark: bool = option(True, "let cuDNN time its convolution algorithms (CUDA only)")
 
     RUNTIME: ClassVar[frozenset] = frozenset({  # may change between a run and its resumption
-        "out", "data_root", "download", "device", "save_every", "plot_every",
+        "out", "data_root", "download", "device", "threads", "save_every", "plot_every",
         "epochs", "eval_batch", "channels_last", "compile", "cudnn_benchmark"})
 
 # Paper Table 10 for CIFAR. Digits is this project's calibration (README): the paper's ratios
@@ -156,31 +148,17 @@ def make_config(dataset: str = "digits", model: Optional[str] = None, **override
     values.update({k: v for k, v in overrides.items() if v is not None})
     return check_config(Config(dataset=dataset, **values))
 
-def shorten(cfg: Config, epochs: Optional[int]) -> Config:
-    """The same run in `epochs` epochs with its LR milestones scaled; None: as it is."""
-    if not epochs:
-        return cfg
-    milestones = tuple(round(m * epochs / cfg.epochs) for m in cfg.lr_milestones)
-    return check_config(dataclasses.replace(cfg, epochs=epochs, lr_milestones=milestones))
-
 def check_config(cfg: Config) -> Config:
     """`cfg`, if its settings can be right; else IAATError with a one-line reason."""
-    for name in ("method", "attack_bn", "amp", "channels_last"):
-        if getattr(cfg, name) not in CHOICES[name]:
-            raise IAATError(f"--{name.replace('_', '-')} must be one of "
-                            f"{', '.join(CHOICES[name])}, not {getattr(cfg, name)!r}")
-    for name in ("eps_w", "gamma", "eps_init", "eps_min", "eps_max", "step_size", "eps_test",
-                 "select_step_size", "eval_step_size", "line_eta", "line_max", "weight_decay",
-                 "momentum", "step_rel"):
-        value = getattr(cfg, name)
-        if value is not None and not 0 <= value < math.inf:
-            raise IAATError(f"--{name.replace('_', '-')} must be a finite number >= 0, got "
-                            f"{_show(name, value)}{'/255' if name in _UNITS else ''}")
-    for name in ("epochs", "batch_size", "attack_steps", "eval_steps", "eval_batch", "eval_subset",
-                 "select_steps"):
-        value = getattr(cfg, name)
-        if value is not None and value < (0 if name in ("epochs", "eval_subset") else 1):
-            raise IAATError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    for name, value in ((k, getattr(cfg, k)) for k in cfg.__dataclass_fields__):
+        flag = "--" + name.replace("_", "-")
+        if name in ("method", "attack_bn", "amp", "channels_last") and value not in CHOICES[name]:
+            raise IAATError(f"{flag} must be one of {', '.join(CHOICES[name])}, not {value!r}")
+        if name in _NON_NEGATIVE and value is not None and not 0 <= value < math.inf:
+            raise IAATError(f"{flag} must be a finite number >= 0, got "
+                            f"{cli_value(name, value)}{'/255' if name in _UNITS else ''}")
+        if name in _AT_LEAST and value is not None and value < _AT_LEAST[name]:
+            raise IAATError(f"{flag} must be positive, got {value}")
     for wrong, message in (
             (not 0 < cfg.beta <= 1, f"--beta must be in (0, 1], got {cfg.beta}"),
             (cfg.eps_max is not None and cfg.eps_max < cfg.eps_min, "--eps-max must be >= --eps-min"),
@@ -194,16 +172,19 @@ def check_config(cfg: Config) -> Config:
     return cfg
 
 _UNITS = {f.name for f in dataclasses.fields(Config) if f.metadata["unit"]}  # typed as x/255
+_NON_NEGATIVE = _UNITS | {"weight_decay", "momentum", "step_rel"}
+_AT_LEAST = dict(dict.fromkeys(("batch_size", "attack_steps", "eval_steps", "eval_batch",
+                                 "select_steps"), 1), epochs=0, eval_subset=0)
 
-def _show(name: str, value, unit: Optional[bool] = None) -> str:
+def cli_value(name: str, value, unit: Optional[bool] = None) -> str:
     """A value in the CLI's units, as a user types it: '8' for 8/255, '13 17' for a tuple."""
     if isinstance(value, tuple):
-        return " ".join(_show(name, v, unit) for v in value)
+        return " ".join(cli_value(name, v, unit) for v in value)
     if isinstance(value, float) and (name in _UNITS if unit is None else unit):
         return f"{value * PIXEL:g}"
-    return "preset" if value is None and name == "model" else str(value)
+    return "resnet18 on CIFAR" if value is None and name == "model" else str(value)
 
-def _changed(cfg: Config, skip=Config.RUNTIME) -> list:
+def preset_changes(cfg: Config, skip=Config.RUNTIME) -> list:
     """(name, value) of every setting that differs from the dataset and model's preset."""
     preset = make_config(cfg.dataset, cfg.model, method=cfg.method, seed=cfg.seed)
     return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(Config)
@@ -214,9 +195,9 @@ def run_dir(cfg: Config) -> Path:
     differs from the preset (e.g. -warmup0), so different commands never share a folder."""
     if cfg.out:
         return Path(cfg.out)
-    tags = [(k if v else f"no_{k}") if isinstance(v, bool) else k + (
-        "None" if v is None else "_".join(map(str, v)) if isinstance(v, tuple) else _show(k, v))
-        for k, v in _changed(cfg)]
+    tags = [(k if v else f"no_{k}") if isinstance(v, bool) else k + ("None" if v is None else
+            "_".join(map(str, v)) if isinstance(v, tuple) else cli_value(k, v))
+            for k, v in preset_changes(cfg)]
     name = f"{cfg.dataset}-{cfg.model}-{cfg.method}-seed{cfg.seed}" + "".join(f"-{t}" for t in tags)
     if len(name) > 120:  # too many overrides to spell out: a stable short hash instead
         import hashlib
@@ -224,22 +205,7 @@ def run_dir(cfg: Config) -> Path:
             hashlib.sha1("".join(tags).encode()).hexdigest()[:10]
     return Path("runs") / name
 
-def command_line(cfg: Config, script: str = "iaat.py") -> str:
-    """The `python iaat.py ...` command that trains `cfg`: its dataset, method and seed, and
-    every setting that differs from the preset, in the CLI's units."""
-    words = ["python", script, "--dataset", cfg.dataset, "--method", cfg.method, "--seed",
-             str(cfg.seed)]
-    for name, value in _changed(cfg, skip={"dataset", "method", "seed"}):
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "--no-" + flag[2:])
-        elif value is not None:
-            words += [flag, _show(name, value)]
-    return " ".join(words)
-
-# ============================================================================================
-# Data: whole datasets as uint8 tensors on the device, augmented in batches there
-# ============================================================================================
+# ===== Data: whole datasets as uint8 tensors on the device, augmented in batches there ======
 
 @dataclass
 class Data:
@@ -328,9 +294,7 @@ def epoch_generator(seed: int, epoch: int, device) -> torch.Generator:
     """The data order and augmentation of one epoch depend on (seed, epoch) only."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
 
-# ============================================================================================
-# Models: normalisation lives inside the model, so every eps is in pixel units
-# ============================================================================================
+# ===== Models: normalisation lives inside the model, so every eps is in pixel units =========
 
 class Normalize(nn.Module):
     def __init__(self, mean, std):
@@ -552,9 +516,7 @@ def select_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_prev:
 
 # ------------------------------------- end of the core --------------------------------------
 
-# ============================================================================================
-# Algorithm 1: one training step (and the PGD-AT and clean baselines)
-# ============================================================================================
+# ===== Algorithm 1: one training step (and the PGD-AT and clean baselines) ==================
 
 Step = Union[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]  # a step per sample
 
@@ -582,10 +544,10 @@ def attack_settings(cfg: Config, steps: Optional[int] = None) -> dict:
     step_rel * eps_i / k), or of another attack with `steps`; fp16: loss-scaled gradients."""
     steps = steps or cfg.attack_steps
     step = cfg.step_size if cfg.step_rel is None else lambda eps: cfg.step_rel * eps / steps
-    if cfg.amp != "fp16":
-        return {"steps": steps, "step_size": step, "grad_fn": None}
-    from iaat_fp16 import fp16_input_grad  # the fp16 extension, beside this file
-    return {"steps": steps, "step_size": step, "grad_fn": fp16_input_grad}
+    grad_fn = None
+    if cfg.amp == "fp16":
+        from iaat_fp16 import fp16_input_grad as grad_fn  # the fp16 extension, beside this file
+    return {"steps": steps, "step_size": step, "grad_fn": grad_fn}
 
 def choose_epsilon(model, x, y, idx, mem: torch.Tensor, epoch: int, cfg: Config) -> torch.Tensor:
     """Alg 1 l.3-6: eps_w in warmup, otherwise Alg 2 (or the line search); updates mem[idx].
@@ -651,16 +613,13 @@ def train_step(s: TrainState, x, y, idx, cfg: Config) -> dict:
                  "eps": eps.sum(), "n": torch.tensor(len(y), device=y.device)}
         return dict(stats, clean_acc=correct.sum()) if cfg.method == "iaat" else stats
 
-def optimizer_step(opt, loss: torch.Tensor, scaler=None) -> None:
-    """Backward and SGD step; through the fp16 GradScaler when one is enabled."""
+def optimizer_step(opt, loss: torch.Tensor, scaler: torch.amp.GradScaler) -> None:
+    """Backward and SGD step through the GradScaler: loss-scaled under fp16; a disabled scaler
+    (every other --amp) passes the loss and the step through unchanged."""
     opt.zero_grad(set_to_none=True)
-    if scaler is not None and scaler.is_enabled():
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
 
 def autocast(cfg: Config, device: torch.device):
     """torch.autocast in --amp's dtype (disabled for none). The attacks inside run in it too."""
@@ -671,10 +630,9 @@ def uses_channels_last(cfg: Config, device: torch.device) -> bool:
                                          and cfg.amp != "none")
 
 def make_state(model: nn.Module, cfg: Config, n: int, opt=None, sched=None) -> TrainState:
-    """A fresh run's state: the model with the speed settings that change no algorithm
-    (cuDNN autotuning, channels_last, torch.compile with dynamic shapes, as the selection's
-    batches shrink) and in DDP under torchrun; SGD with the step schedule unless `opt` and
-    `sched` are given; the fp16 GradScaler; the eps memory of n images at eps_init."""
+    """A fresh run's state: the model with the speed settings (cuDNN autotuning, channels_last,
+    torch.compile with dynamic shapes for the selection's shrinking batches), DDP under torchrun,
+    SGD with the step schedule (or `opt`, `sched`), the fp16 GradScaler, eps memory at eps_init."""
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -695,87 +653,7 @@ def make_state(model: nn.Module, cfg: Config, n: int, opt=None, sched=None) -> T
                       torch.full((n,), eps_init, device=device),
                       torch.zeros(n, dtype=torch.int32, device=device))
 
-# ============================================================================================
-# torchrun: processes, shards of each global batch, one consistent eps memory
-# ============================================================================================
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:  # rank 0 alone logs and writes files
-        return self.rank == 0
-
-def current_dist() -> Dist:
-    import torch.distributed as tdist
-    if not (tdist.is_available() and tdist.is_initialized()):
-        return Dist()
-    return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """auto: this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise IAATError("--device cuda was asked for, but no CUDA device is available")
-    if name == "cuda" and local_rank >= torch.cuda.device_count():
-        raise IAATError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                        "run one process per GPU")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
-def init_distributed(device_name: str) -> bool:
-    """Join the process group when torchrun started us with more than one process (it sets
-    RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables): nccl on GPUs, gloo on CPU."""
-    import torch.distributed as tdist
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or tdist.is_initialized():
-        return False
-    device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # After a restart (--max-restarts) torchrun's store still holds the addresses of the
-        # dead attempt's processes, and gloo would connect to those; key this attempt apart.
-        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-        base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=False)
-        tdist.init_process_group(backend, store=tdist.PrefixStore(f"iaat/attempt{attempt}", base),
-                                 rank=rank, world_size=world)
-    else:
-        tdist.init_process_group(backend)
-    return True
-
-@contextmanager
-def process_group(device_name: str):
-    """Run a block in torchrun's process group (if torchrun started more than one process).
-    When the block ends normally, every process waits for the others before any tears the
-    group down: a process that left while another still used gloo died with SIGABRT
-    ("terminate called without an active exception")."""
-    joined = init_distributed(device_name)
-    try:
-        yield
-        if joined:
-            torch.distributed.barrier()
-    finally:
-        if joined:
-            torch.distributed.destroy_process_group()
-
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all processes (in place); a no-op in a single process."""
-    if current_dist().world > 1:
-        torch.distributed.all_reduce(t)
-    return t
-
-def any_process(flag: bool, device) -> bool:
-    """True on every process if it is true on one (all processes stop at the same step)."""
-    if current_dist().world == 1:
-        return flag
-    return bool(all_sum(torch.tensor([float(flag)], device=device)) > 0)
+# ===== torchrun: devices, shards of each global batch, one consistent eps memory ============
 
 def shard(chunk: torch.Tensor, d: Dist) -> torch.Tensor:
     """This process's part of a global batch: contiguous, disjoint, sizes differ by at most
@@ -807,43 +685,9 @@ def sync_buffers(model: nn.Module) -> None:
         for b in model.buffers():
             torch.distributed.broadcast(b, 0)
 
-def gather_everywhere(value) -> list:
-    """Every process's `value` (a small picklable object), in rank order, on every process."""
-    everyone = [None] * current_dist().world
-    if len(everyone) == 1:
-        return [value]
-    torch.distributed.all_gather_object(everyone, value)
-    return everyone
-
-def same_everywhere(value, what: str) -> list:
-    """Every process's `value`; IAATError on every process if they differ (e.g. where each one
-    resumes: the run folder must be on a filesystem all of them share)."""
-    everyone = gather_everywhere(value)
-    if any(v != everyone[0] for v in everyone):
-        raise IAATError(f"the processes disagree on {what}: {everyone}; is --out on a "
-                        "filesystem all of them share?")
-    return everyone
-
-# ============================================================================================
-# Checkpoints and resume: atomic writes, weights_only loading, one folder per run
-# ============================================================================================
+# ===== Checkpoints and resume: weights_only loading, one folder per run ======================
 
 OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "eps_history.npy", "summary.json", "config.json")
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename over `path`: a kill at
-    any moment leaves either the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
 
 def config_dict(cfg: Config) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
@@ -933,45 +777,7 @@ def restore(ckpt: dict, path: Path, s: TrainState, data_state: bool = True) -> d
     s.epoch, s.step = ckpt["epoch"], ckpt["step"]
     return ckpt["totals"]
 
-def claim_run_dir(out: Path):
-    """Create the run folder and lock it for this process (two copies of one command must not
-    train into one folder); remove temporary files a killed writer left. Returns the lock."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / ".lock", "w")
-    try:
-        import fcntl
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # no fcntl (Windows): run unlocked
-        pass
-    except OSError:
-        lock.close()
-        raise IAATError(f"another process is training in {out}; wait for it or stop it") from None
-    for stale in out.glob(".*.tmp*"):
-        stale.unlink()
-    return lock
-
-def read_metrics(path: Path, upto_epoch: int) -> list:
-    """The metrics lines of epochs <= upto_epoch (a resumed run drops lines written later)."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [r for r in map(json.loads, filter(str.strip, lines)) if r["epoch"] <= upto_epoch]
-
-def write_metrics(path: Path, rows: list) -> None:
-    atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
-
-def write_eps_history(path: Path, history: np.ndarray) -> None:
-    """(epochs, n_train): the eps memory after each epoch, row e = after epoch e+1."""
-    def save(p):
-        with open(p, "wb") as f:  # a file, as np.save would add .npy to the temporary name
-            np.save(f, history)
-    atomic_write(path, save)
-
-# ============================================================================================
-# The training loop: Alg 1 over epochs, with checkpoints, resume and SIGTERM
-# ============================================================================================
-
-class _Stop:
-    """Set by SIGTERM; the loop checkpoints at the next step boundary and exits."""
-    requested = False
+# ===== The training loop: Alg 1 over epochs, with checkpoints, resume and SIGTERM ===========
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """Train one run into run_dir(cfg), resuming if its checkpoint exists; return the summary.
@@ -987,17 +793,15 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
         raise IAATError(f"checkpoint {out / 'checkpoint.pt'} was written on {ckpt['device']}, this "
                         f"run is on {device.type}; resume on {ckpt['device']} (--device) for the "
                         "same result")
-    if d.local_rank > 0:  # local rank 0 downloads first; the others then read its files
-        torch.distributed.barrier()
-    data = load_data(cfg, device)
-    if d.world > 1 and d.local_rank == 0:
-        torch.distributed.barrier()
+    with local_rank_zero_first():  # it downloads; the others then read its files
+        data = load_data(cfg, device)
     n, bs = len(data.train_y), cfg.batch_size
     if bs < d.world:
         raise IAATError(f"--batch-size {bs} is smaller than the {d.world} processes")
     if 0 < n % bs < d.world:
         raise IAATError(f"the last batch of each epoch ({n % bs} images) cannot be shared by "
                         f"{d.world} processes; choose another --batch-size")
+    cfg = use_threads(cfg, ckpt, log)
     torch.manual_seed(cfg.seed)
     s = make_state(build_model(cfg.model, data.num_classes, data.mean, data.std).to(device), cfg, n)
     totals = restore(ckpt, out / "checkpoint.pt", s) if ckpt is not None else {}
@@ -1032,27 +836,30 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
                                epoch_eval=test_accuracy if cfg.eval_subset else None)
     return finish(cfg, s, data, out, rows, history, log)
 
+def use_threads(cfg: Config, ckpt: Optional[dict], log) -> Config:
+    """torch's CPU threads: --threads, else a resumed run's count (the same count gives the same
+    numbers), else the cores idle now (iaat_run.choose_threads); `cfg` records the count."""
+    saved = (ckpt or {}).get("config", {}).get("threads")
+    threads, why = choose_threads(cfg.threads or saved)
+    torch.set_num_threads(threads)
+    log(f"{threads} CPU thread{'s' * (threads > 1)} ({why if threads != saved else 'as before'})")
+    return dataclasses.replace(cfg, threads=threads)
+
 def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Callable,
                steps_per_epoch: int, shard_size: int, log: Callable[[str], None], *,
                epoch_eval: Optional[Callable[[], dict]] = None, on_step: Optional[Callable] = None,
                lr_per_step: bool = False, history_dtype=np.float32) -> tuple:
-    """Alg 1 from s.epoch, s.step to cfg.epochs; returns (metrics rows, eps history).
-
-    `batches(epoch, start)` gives the epoch's (x, y, idx) from step `start` and its data
-    generator (saved mid-epoch); `totals`: the epoch's sums so far, from the checkpoint.
-    Every process calls this; `shard_size` >= each one's images per step. Each epoch ends
-    with its metrics row (plus `epoch_eval()`), eps history, checkpoint and plots; every
-    process calls `on_step(s, sums)` after each step (ImageNet logs there). The LR schedule
-    steps once per epoch, or once per step with `lr_per_step` (ImageNet's warmup).
-    """
+    """Alg 1 from s.epoch, s.step to cfg.epochs, on every process; returns (metrics rows, eps
+    history). `batches(epoch, start)`: the epoch's (x, y, idx) from step `start`, and its data
+    generator (saved mid-epoch); `totals`: the epoch's sums so far; `shard_size` >= each
+    process's images per step. An epoch ends with its metrics row (plus `epoch_eval()`), eps
+    history, checkpoint and plots. `on_step(s, sums)` runs after each step (ImageNet logs);
+    the LR steps per epoch, or per step with `lr_per_step` (ImageNet's warmup)."""
     from tqdm import tqdm  # the plain bar: silent outside a terminal, notebooks included
     d, device, ckpt_path = current_dist(), s.mem.device, out / "checkpoint.pt"
     rows, history, lock = _open_folder(cfg, s, out, log, history_dtype)
     totals = totals if d.main else {}  # the saved totals are counted on rank 0
-    _Stop.requested, handler = False, None
-    if threading.current_thread() is threading.main_thread():
-        handler = signal.signal(signal.SIGTERM, lambda *_: setattr(_Stop, "requested", True))
-    try:
+    with sigterm_flag() as sigterm, lock or nullcontext():  # the lock is a file: closed after
         while s.epoch < cfg.epochs:
             t0 = time.time() - totals.get("time", 0.0)
             sums = {k: torch.tensor(v, device=device) for k, v in totals.items() if k != "time"}
@@ -1070,18 +877,16 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
                 bar.update()
                 if on_step is not None:
                     on_step(s, sums)
-                stop = any_process(_Stop.requested, device)
+                stop = any_process(sigterm.requested, device)
                 if s.step < steps_per_epoch and (
                         stop or (cfg.save_every and s.step % cfg.save_every == 0)):
-                    totals = global_totals(sums)
-                    check_finite(totals["loss"], s, ckpt_path)
+                    totals = finite_totals(sums, s, ckpt_path)
                     if d.main:
                         save_checkpoint(ckpt_path, cfg, s, dict(totals, time=time.time() - t0), gen)
                     if stop:
                         raise SystemExit(_stopped(s, out, log))
             bar.close()
-            totals = global_totals(sums)
-            check_finite(totals["loss"], s, ckpt_path)
+            totals = finite_totals(sums, s, ckpt_path)
             if not lr_per_step:
                 s.sched.step()
             s.epoch, s.step = s.epoch + 1, 0
@@ -1092,13 +897,8 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
             totals = {}
             log(format_row(rows[-1], cfg))
             history = _save_epoch(cfg, s, out, rows, history) if d.main else history
-            if any_process(_Stop.requested, device):
+            if any_process(sigterm.requested, device):
                 raise SystemExit(_stopped(s, out, log))
-    finally:
-        if handler is not None:
-            signal.signal(signal.SIGTERM, handler)
-        if lock is not None:
-            lock.close()
     return rows, history
 
 def _open_folder(cfg: Config, s: TrainState, out: Path, log, history_dtype) -> tuple:
@@ -1113,13 +913,7 @@ def _open_folder(cfg: Config, s: TrainState, out: Path, log, history_dtype) -> t
     if d.rank > 0:
         torch.manual_seed(cfg.seed + 7919 * d.rank + 104729 * (s.epoch * 100_003 + s.step))
     same_everywhere((s.epoch, s.step), "the epoch and step to resume at")
-    lock = problem = None
-    try:
-        lock = claim_run_dir(out) if d.main else None
-    except IAATError as err:
-        problem = err
-    if any_process(problem is not None, s.mem.device):  # every process stops, not rank 0 alone
-        raise problem or IAATError(f"rank 0 could not claim {out}")
+    lock = claim_run_dir(out, s.mem.device)
     if fresh and d.main:
         write_json(out / "config.json", config_dict(cfg))
     return read_metrics(out / "metrics.jsonl", s.epoch), history, lock
@@ -1142,18 +936,17 @@ def _stopped(s: TrainState, out: Path, log) -> int:
         "command to resume")
     return 143
 
-def global_totals(sums: dict) -> dict:
-    """The epoch's running sums over all processes, as floats (one all-reduce)."""
-    keys = sorted(sums)
-    return dict(zip(keys, all_sum(torch.stack([sums[k].double() for k in keys])).tolist()))
-
-def check_finite(loss: float, s: TrainState, ckpt_path: Path) -> None:
-    """Stop before a non-finite loss or weight reaches a checkpoint; the last good one stays."""
-    if not (math.isfinite(loss) and all(bool(torch.isfinite(p).all()) for p in s.model.parameters())):
+def finite_totals(sums: dict, s: TrainState, ckpt_path: Path) -> dict:
+    """The epoch's sums over all processes; IAATError before a non-finite loss or weight reaches
+    a checkpoint (the last good one stays)."""
+    totals = global_totals(sums)
+    if not (math.isfinite(totals["loss"]) and all(bool(torch.isfinite(p).all())
+                                                  for p in s.model.parameters())):
         kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else \
             "no checkpoint was written"
         raise IAATError(f"training loss became non-finite in epoch {s.epoch + 1} (by step "
                         f"{s.step}); {kept}; try a lower --lr")
+    return totals
 
 def epoch_row(s: TrainState, sums: dict, seconds: float, epoch_eval=None) -> dict:
     """The metrics of the epoch just done: its sums as means, then `epoch_eval()`."""
@@ -1174,12 +967,9 @@ def format_row(r: dict, cfg: Config) -> str:
 
 def plot_run(out: Path, rows: list, history: np.ndarray, warmup: int = 0) -> None:
     """curves.png, eps_hist.png and eps_mean.png (drawn by iaat_eval, with matplotlib)."""
-    import iaat_eval
-    iaat_eval.plot_run(out, rows, history, warmup)
+    __import__("iaat_eval").plot_run(out, rows, history, warmup)
 
-# ============================================================================================
-# The end-of-training evaluation: natural and PGD accuracy on the test set
-# ============================================================================================
+# ===== The end-of-training evaluation: natural and PGD accuracy on the test set =============
 
 def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
              step_size: float, restarts: int = 1, batch_size: int = 500,
@@ -1201,19 +991,10 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: floa
     clean, robust = (all_sum(counts) if distributed else counts).tolist()
     return {"clean": clean / len(y), "robust": robust / len(y)}
 
-def agreement(s: TrainState) -> tuple:
+def same_state(s: TrainState) -> tuple:
     """SHA-1s of every process's eps memory and model; IAATError if the processes differ."""
-    import hashlib
-    found = []
-    for name, tensors in (("eps memories", [s.mem]),
-                          ("models (weights and BN statistics)", s.model.state_dict().values())):
-        h = hashlib.sha1()
-        for t in tensors:
-            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-        found.append(gather_everywhere(h.hexdigest()))
-        if len(set(found[-1])) > 1:
-            raise IAATError(f"the {name} of the {len(found[-1])} processes differ: {found[-1]}")
-    return tuple(found)
+    return agreement({"eps memories": [s.mem],
+                      "models (weights and BN statistics)": s.model.state_dict().values()})
 
 def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, history, log) -> dict:
     """Natural and PGD-20 accuracy on the whole test set at eps_test, summary.json and a line;
@@ -1221,7 +1002,7 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, histor
     was selected once per epoch after warmup."""
     acc = evaluate(s.model, data.test_x, data.test_y, eps=cfg.eps_test, steps=cfg.eval_steps,
                    step_size=cfg.eval_step_size, batch_size=cfg.eval_batch, distributed=True)
-    mems, models = agreement(s)
+    mems, models = same_state(s)
     expected = max(0, rows[-1]["epoch"] - cfg.warmup) if cfg.method == "iaat" and rows else 0
     if rows and not bool((s.visits == expected).all()):
         raise IAATError(f"some images were not selected exactly once per epoch after warmup "
@@ -1233,8 +1014,8 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, histor
                "eps_test_255": cfg.eps_test * PIXEL,
                "eps_mean_255": float(s.mem.double().mean() * PIXEL) if rows else None,
                "eps_updates_per_sample": [int(s.visits.min()), int(s.visits.max())],
-               "processes": current_dist().world, "eps_memory_sha1_per_process": mems,
-               "model_sha1_per_process": models,
+               "processes": current_dist().world, "threads": cfg.threads,
+               "eps_memory_sha1_per_process": mems, "model_sha1_per_process": models,
                "train_seconds": round(sum(r["seconds"] for r in rows), 1)}
     if current_dist().main:
         write_json(out / "summary.json", summary)
@@ -1245,30 +1026,18 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, histor
         f"{summary['train_seconds']:.0f}s training | {out}")
     return summary
 
-# ============================================================================================
-# CLI: `python iaat.py [flags]` trains; `python iaat.py eval RUN` evaluates (iaat_eval.py)
-# ============================================================================================
-
-class CLIParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
-        self.exit(2, f"iaat: error: {message} (see --help)\n")
+# ===== CLI: `python iaat.py [flags]` trains; `python iaat.py eval RUN` evaluates (iaat_eval.py) ===
 
 def add_config_flags(p: argparse.ArgumentParser, cls=Config, presets=PRESETS, skip=(),
                      choices=None, aliases=None) -> None:
     """One flag per field of `cls` (Config or a subclass), its help with unit, paper source and
-    the presets' defaults; a flag not given stays None (the preset decides)."""
+    default (the preset's, where one sets it); a flag not given stays None (the preset decides)."""
     choices, aliases = {**CHOICES, **(choices or {})}, {"eps_w": ["--eps"], **(aliases or {})}
     for f in (f for f in dataclasses.fields(cls) if f.name not in skip):
-        unit, show = f.metadata["unit"], lambda v: _show(f.name, v, bool(f.metadata["unit"]))
-        per = [(k, show(p[f.name])) for k, p in presets.items() if f.name in p]
-        if presets is PRESETS and per:  # 'digits 0.05, cifar 0.1, wrn32-10 0.2'
-            cifar = "resnet18" if f.name == "model" else show(f.default)
-            per = [per[0], ("cifar", cifar)] + [(k, v) for k, v in per[1:] if (k, v) != (
-                "resnet18", cifar)]
-        default = ", ".join(f"{k} {v}" for k, v in per) if len(per) > 1 else \
-            per[0][1] if per else show(f.default)
-        kw = dict(dest=f.name, default=None, help=f"{f.metadata['help']} "
-                  f"[{'x/255; ' if unit else ''}default: {default}]")
+        unit, show = f.metadata["unit"], lambda v: cli_value(f.name, v, bool(f.metadata["unit"]))
+        per = ", ".join(f"{k} {show(p[f.name])}" for k, p in presets.items() if f.name in p)
+        kw = dict(dest=f.name, default=None, help=f"{f.metadata['help']} [{'x/255; ' if unit else ''}"
+                  f"default: {show(f.default)}{'; presets: ' + per if per else ''}]")
         names = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, [])]
         if f.type == "bool":
             p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
@@ -1291,7 +1060,7 @@ def config_values(args: argparse.Namespace, cls=Config) -> dict:
 
 def config_from_args(argv) -> Config:
     """The Config of `python iaat.py ARGV`; the CLI is built from Config, a flag per field."""
-    presets = "\n".join(f"  {k}: " + ", ".join(f"{f}={_show(f, v)}" for f, v in p.items())
+    presets = "\n".join(f"  {k}: " + ", ".join(f"{f}={cli_value(f, v)}" for f, v in p.items())
                         for k, p in PRESETS.items())
     parser = CLIParser(prog="iaat", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1315,7 +1084,7 @@ def main(argv=None) -> int:
         return iaat_radius.main(argv[1:])
     try:
         cfg = config_from_args(argv)
-        with process_group(cfg.device):
+        with process_group(pick_device(cfg.device)):
             train(cfg)
     except (IAATError, OSError) as err:  # OSError: full disk, no permission, --out a file, ...
         print(f"iaat: error: {err}", file=sys.stderr)

@@ -660,6 +660,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--name", default="eval", help="stem of the output files (default: eval)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores idle at the start)")
     p.add_argument("--data-root", help="where CIFAR is read from (default: the run's)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=None)
     return p
@@ -667,15 +668,36 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 
 
+def shorten(cfg: iaat.Config, epochs: Optional[int]) -> iaat.Config:
+    """The same run in `epochs` epochs with its LR milestones scaled; None: as it is."""
+    if not epochs:
+        return cfg
+    milestones = tuple(round(m * epochs / cfg.epochs) for m in cfg.lr_milestones)
+    return iaat.check_config(dataclasses.replace(cfg, epochs=epochs, lr_milestones=milestones))
+
+
+def command_line(cfg: iaat.Config, script: str = "iaat.py") -> str:
+    """The `python iaat.py ...` command that trains `cfg`: its dataset, method and seed, and
+    every setting that differs from the preset, in the CLI's units."""
+    words = ["python", script, "--dataset", cfg.dataset, "--method", cfg.method, "--seed",
+             str(cfg.seed)]
+    for name, value in iaat.preset_changes(cfg, skip={"dataset", "method", "seed"}):
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            words += [flag, iaat.cli_value(name, value)]
+    return " ".join(words)
+
+
 def notebook_configs(dataset: str = "digits", *, epochs: Optional[int] = None, seed: int = 0,
                      runs_dir="runs", data_root: str = "data") -> Callable[..., Config]:
     """The notebooks' shared set-up: config(**settings), the preset for `dataset` with these
-    settings and `seed`, shortened to `epochs` (iaat.shorten; None: the preset's schedule), in
+    settings and `seed`, shortened to `epochs` (`shorten`; None: the preset's schedule), in
     `runs_dir` under the name `python iaat.py` gives it, so that runs made on the command line
     (say, CIFAR on a GPU) are found there."""
     def config(**settings) -> Config:
-        cfg = iaat.shorten(iaat.make_config(dataset, seed=seed, data_root=data_root, **settings),
-                           epochs)
+        cfg = shorten(iaat.make_config(dataset, seed=seed, data_root=data_root, **settings), epochs)
         return dataclasses.replace(cfg, out=str(Path(runs_dir) / iaat.run_dir(cfg).name))
     return config
 
@@ -704,6 +726,7 @@ def main(argv=None) -> int:
             args[key] /= PIXEL
     if args["eps_sweep"] is not None:
         args["eps_sweep"] = tuple(e / PIXEL for e in args["eps_sweep"])
+    torch.set_num_threads(iaat.choose_threads(args.pop("threads"))[0])  # iaat_run.choose_threads
     try:
         evaluate_run(args.pop("run"), **args)
     except (IAATError, OSError) as err:

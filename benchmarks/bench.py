@@ -304,7 +304,7 @@ def official_style_step(model, opt, x, y, idx, mem, cfg: iaat.Config, scaler=Non
         model.zero_grad(set_to_none=True)  # the attacks' parameter gradients are discarded
         logits = model(x_adv)
         loss = F.cross_entropy(logits.float(), y)
-    iaat.optimizer_step(opt, loss, scaler)
+    iaat.optimizer_step(opt, loss, scaler or torch.amp.GradScaler(x.device.type, enabled=False))
     return {"loss": loss.detach(), "eps": eps.detach()}
 
 

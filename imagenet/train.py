@@ -264,7 +264,7 @@ def train(c: ImageNetConfig, log=print) -> Path:
         clock.update(time=now, step=s.step)
     iaat.train_loop(c, s, out, totals, batches, steps_per_epoch, c.batch_size, log,
                     on_step=progress, lr_per_step=True, history_dtype=np.float16)
-    iaat.agreement(s)
+    iaat.same_state(s)
     return out
 
 
@@ -370,7 +370,7 @@ def config_from_args(argv) -> ImageNetConfig:
 def main(argv=None) -> int:
     try:
         c = config_from_args(sys.argv[1:] if argv is None else argv)
-        with iaat.process_group(c.device):
+        with iaat.process_group(iaat.pick_device(c.device)):
             if not c.evaluate_only:
                 train(c)
             evaluate_run(c)

@@ -11,6 +11,11 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Training figures move with the CPU thread count (README, Reproducibility), and iaat picks its
+# count from the machine's load at the start of a run. The tests pin one count, torch's
+# default, for the runs in this process and in every subprocess (tests/test_threads.py unpins).
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -140,12 +140,12 @@ def test_out_naming_a_file_is_a_one_line_error(tmp_path):
 def test_a_run_folder_is_locked_and_stale_temporary_files_go(tmp_path):
     import iaat
     (tmp_path / ".checkpoint.pt.tmp999").write_bytes(b"left by a killed writer")
-    lock = iaat.claim_run_dir(tmp_path)
+    lock = iaat.claim_run_dir(tmp_path, "cpu")
     assert not (tmp_path / ".checkpoint.pt.tmp999").exists()
-    with pytest.raises(iaat.IAATError, match="another process is training"):
-        iaat.claim_run_dir(tmp_path)
+    with pytest.raises(BlockingIOError, match="another process is training"):
+        iaat.claim_run_dir(tmp_path, "cpu")
     lock.close()
-    iaat.claim_run_dir(tmp_path).close()
+    iaat.claim_run_dir(tmp_path, "cpu").close()
 
 
 def test_help_explains_units_and_sources():
@@ -163,7 +163,8 @@ def test_help_explains_units_and_sources():
 ])
 def test_command_line_rebuilds_the_config(overrides):
     import iaat
+    import iaat_eval
     cfg = iaat.make_config("digits", **overrides)
-    cmd = iaat.command_line(cfg)
+    cmd = iaat_eval.command_line(cfg)
     assert cmd.startswith("python iaat.py --dataset digits --method ")
     assert iaat.config_from_args(cmd.split()[2:]) == cfg

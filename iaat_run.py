@@ -1,0 +1,301 @@
+"""The run machinery behind iaat.py, which nothing of the algorithm depends on:
+
+- torchrun's process group: join it, leave it together, this process's rank, collectives;
+- the run folder's files: writes that survive a kill at any moment, the lock that keeps two
+  trainings out of one folder, the metrics and eps-history files;
+- the SIGTERM flag the training loop polls;
+- how many CPU threads torch uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+
+class IAATError(Exception):
+    """A user-facing error: the CLI prints its message on one line and exits non-zero."""
+
+
+class CLIParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the whole usage first)
+        self.exit(2, f"iaat: error: {message} (see --help)\n")
+
+
+# ===== torchrun's process group ==============================================================
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:  # rank 0 alone logs and writes files
+        return self.rank == 0
+
+
+def current_dist() -> Dist:
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return Dist()
+    return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(name: str, local_rank: Optional[int] = None) -> torch.device:
+    """auto: this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise IAATError("--device cuda was asked for, but no CUDA device is available")
+    if name == "cuda" and local_rank >= torch.cuda.device_count():
+        raise IAATError(f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                        "run one process per GPU")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group when torchrun started us with more than one process (it sets
+    RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables): nccl for a GPU `device` (this
+    process's), gloo for the CPU. Returns whether it joined."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or tdist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # After a restart (--max-restarts) torchrun's store still holds the addresses of the
+        # dead attempt's processes, and gloo would connect to those; key this attempt apart.
+        world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+        base = tdist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=False)
+        tdist.init_process_group(backend, store=tdist.PrefixStore(f"iaat/attempt{attempt}", base),
+                                 rank=rank, world_size=world)
+    else:
+        tdist.init_process_group(backend)
+    return True
+
+
+@contextmanager
+def local_rank_zero_first():
+    """Run a block on each machine's local rank 0 first, then on its other processes (say, a
+    download that the others then read)."""
+    d = current_dist()
+    if d.local_rank > 0:
+        tdist.barrier()
+    yield
+    if d.world > 1 and d.local_rank == 0:
+        tdist.barrier()
+
+
+@contextmanager
+def process_group(device: torch.device):
+    """Run a block in torchrun's process group (if torchrun started more than one process).
+    When the block ends normally, every process waits for the others before any tears the
+    group down: a process that left while another still used gloo died with SIGABRT
+    ("terminate called without an active exception")."""
+    joined = init_distributed(device)
+    try:
+        yield
+        if joined:
+            tdist.barrier()
+    finally:
+        if joined:
+            tdist.destroy_process_group()
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes (in place); a no-op in a single process."""
+    if current_dist().world > 1:
+        tdist.all_reduce(t)
+    return t
+
+
+def any_process(flag: bool, device) -> bool:
+    """True on every process if it is true on one (all processes stop at the same step)."""
+    if current_dist().world == 1:
+        return flag
+    return bool(all_sum(torch.tensor([float(flag)], device=device)) > 0)
+
+
+def gather_everywhere(value) -> list:
+    """Every process's `value` (a small picklable object), in rank order, on every process."""
+    everyone = [value] * current_dist().world
+    if len(everyone) > 1:
+        tdist.all_gather_object(everyone, value)
+    return everyone
+
+
+def global_totals(sums: dict) -> dict:
+    """Running sums (tensors) summed over all processes, as floats (one all-reduce)."""
+    keys = sorted(sums)
+    return dict(zip(keys, all_sum(torch.stack([sums[k].double() for k in keys])).tolist()))
+
+
+def same_everywhere(value, what: str) -> list:
+    """Every process's `value`; IAATError on every process if they differ (e.g. where each one
+    resumes: the run folder must be on a filesystem all of them share)."""
+    everyone = gather_everywhere(value)
+    if any(v != everyone[0] for v in everyone):
+        raise IAATError(f"the processes disagree on {what}: {everyone}; is --out on a "
+                        "filesystem all of them share?")
+    return everyone
+
+
+def agreement(groups: dict) -> tuple:
+    """SHA-1 of each named group of tensors on every process (e.g. the eps memories, the
+    models); IAATError if the processes' hashes of a group differ."""
+    import hashlib
+    found = []
+    for name, tensors in groups.items():
+        h = hashlib.sha1()
+        for t in tensors:
+            h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        found.append(gather_everywhere(h.hexdigest()))
+        if len(set(found[-1])) > 1:
+            raise IAATError(f"the {name} of the {len(found[-1])} processes differ: {found[-1]}")
+    return tuple(found)
+
+
+# ===== The run folder's files ================================================================
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename over `path`: a kill at
+    any moment leaves either the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def claim_run_dir(out: Path, device) -> Optional[object]:
+    """Rank 0 creates the run folder and locks it (two copies of one command must not train
+    into one folder), and removes temporary files a killed writer left; it returns the lock,
+    the other processes None. Every process raises if rank 0 could not (BlockingIOError if
+    another process holds the lock), so none goes on alone."""
+    lock = problem = None
+    if current_dist().main:
+        try:
+            lock = _lock_folder(out)
+        except OSError as err:  # another process holds the lock, no permission, ...
+            problem = err
+    if any_process(problem is not None, device):
+        raise problem or OSError(f"rank 0 could not claim {out}")
+    return lock
+
+
+def _lock_folder(out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / ".lock", "w")
+    try:
+        import fcntl
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no fcntl (Windows): run unlocked
+        pass
+    except OSError:
+        lock.close()
+        raise BlockingIOError(f"another process is training in {out}; wait for it or stop "
+                              "it") from None
+    for stale in out.glob(".*.tmp*"):
+        stale.unlink()
+    return lock
+
+
+def read_metrics(path: Path, upto_epoch: int) -> list:
+    """The metrics lines of epochs <= upto_epoch (a resumed run drops lines written later)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [r for r in map(json.loads, filter(str.strip, lines)) if r["epoch"] <= upto_epoch]
+
+
+def write_metrics(path: Path, rows: list) -> None:
+    atomic_write(path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def write_eps_history(path: Path, history: np.ndarray) -> None:
+    """(epochs, n_train): the eps memory after each epoch, row e = after epoch e+1."""
+    def save(p):
+        with open(p, "wb") as f:  # a file, as np.save would add .npy to the temporary name
+            np.save(f, history)
+    atomic_write(path, save)
+
+
+# ===== SIGTERM ===============================================================================
+
+class StopFlag:
+    """Set by SIGTERM while `sigterm_flag()` is active; the loop checkpoints and exits."""
+    requested = False
+
+
+@contextmanager
+def sigterm_flag():
+    """Within the block, SIGTERM sets StopFlag.requested instead of killing the process (only
+    the main thread can install a handler; elsewhere the flag stays False)."""
+    StopFlag.requested, handler = False, None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGTERM, lambda *_: setattr(StopFlag, "requested", True))
+    try:
+        yield StopFlag
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+# ===== CPU threads ===========================================================================
+
+def idle_cores(seconds: float = 0.5) -> Optional[float]:
+    """How many of the cores this process may run on were idle over the next `seconds`, from
+    /proc/stat (Linux); None where it cannot tell."""
+    def busy_and_total():
+        with open("/proc/stat") as f:
+            rows = {r[0]: [int(v) for v in r[1:9]] for r in map(str.split, f) if r[0].startswith("cpu")}
+        mine = [rows[f"cpu{c}"] for c in os.sched_getaffinity(0)]  # user .. steal of each core
+        return sum(sum(t) - t[3] - t[4] for t in mine), sum(map(sum, mine)), len(mine)
+    try:
+        busy0, total0, cores = busy_and_total()
+        time.sleep(seconds)
+        busy1, total1, _ = busy_and_total()
+    except (OSError, ValueError, KeyError, AttributeError):  # not Linux, or a /proc it can't read
+        return None
+    return cores * (1 - (busy1 - busy0) / max(total1 - total0, 1))
+
+
+def choose_threads(requested: Optional[int] = None) -> tuple:
+    """(threads, why): the number of CPU threads for torch's operators, and the reason.
+
+    torch's default is one thread per core. On a quiet machine that is fastest, but when
+    another process keeps a core busy, torch's threads wait on each other at every operator
+    (measured on 2 cores: up to 10x slower). So the default is the number of cores idle at the
+    start (an idle core counts from 70% idle), at least 1 and at most torch's default.
+    `requested` (--threads) or an OMP_NUM_THREADS the user set wins. It changes results: float
+    sums run in another order, so a run records the count it used."""
+    default = torch.get_num_threads()
+    if requested:
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return default, "OMP_NUM_THREADS"
+    idle = idle_cores()
+    if idle is None:
+        return default, "torch's default, one per core"
+    return max(1, min(default, int(idle + 0.3))), f"{idle:.1f} of {default} cores idle at the start"
