@@ -109,7 +109,7 @@ def test_notebooks_pass_strict_nbval_trained_at_one_thread(tmp_path):
     empty RUNS_DIR, so they really retrain instead of reading back the runs of the suite's own
     notebook pass; they run in order and share runs, as in that pass (notebook 03 reads back
     notebook 01's IAAT run). An extra last cell in each copy checks that its kernel ran at 1
-    thread. About 6 minutes on 2 cores."""
+    thread. About 10 minutes on 2 cores (586 s measured, niced, on a shared 2-core machine)."""
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         count = max(c.execution_count or 0 for c in nb.cells if c.cell_type == "code")
