@@ -102,7 +102,8 @@ class Config:
     data_root: str = option("data", "where CIFAR is read from (and downloaded to)")
     download: bool = option(True, "download CIFAR when it is missing")
     device: str = option("auto", "auto (cuda if available), cpu or cuda")
-    threads: Optional[int] = option(None, "CPU threads (default: the cores idle at the start)")
+    threads: Optional[int] = option(None, "CPU threads (default: the cores idle at the start; torch's "
+                                          "one per core runs up to 10x slower beside a busy process)")
     save_every: int = option(0, "also checkpoint every N training steps (0: at epoch ends only)")
     plot_every: int = option(10, "rewrite the plots every N epochs (always at the end)")
     # speed: amp changes the arithmetic; the others change no number that matters

@@ -12,9 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Training figures move with the CPU thread count (README, Reproducibility), and iaat picks its
-# count from the machine's load at the start of a run. The tests pin one count, torch's
-# default, for the runs in this process and in every subprocess (tests/test_threads.py unpins).
-os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+# count from the machine's load at the start of each run. The tests pick it once, by the same
+# rule, and pin it for the runs in this process and in every subprocess, so that runs they
+# compare use one count (tests/test_threads.py unpins it where it tests the rule).
+if not os.environ.get("OMP_NUM_THREADS"):
+    import iaat_run
+    os.environ["OMP_NUM_THREADS"] = str(iaat_run.choose_threads()[0])
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
