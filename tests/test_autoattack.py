@@ -132,8 +132,8 @@ def test_each_flag_fires_alone_on_a_result_built_for_it(flag, result):
     flags = iaat_eval.sanity_flags(result)
     assert [f["flag"] for f in flags] == [flag]
     f = flags[0]
-    assert f["meaning"] == iaat_eval.FLAGS[flag][0] and f["try"] and "%" in f["evidence"] or \
-        flag == "autoattack_warning"
+    assert (f["meaning"], f["try"]) == iaat_eval.FLAGS[flag]
+    assert ("zero gradient" if flag == "autoattack_warning" else "%") in f["evidence"]
 
 
 def test_flags_stay_within_the_noise_and_the_protocol():
@@ -193,7 +193,8 @@ def test_flags_fire_on_a_masked_model_and_stay_quiet_on_the_normal_one(trained, 
     fired = {f["flag"] for f in res["flags"]}
     assert {"transfer_beats_whitebox", "eps_sweep_does_not_fall"} <= fired, res
     # AutoAttack sees through it: its gradient-free Square breaks what the gradient attacks left
-    res = _protocol(masked, surrogate, x[:30], y[:30], {"whitebox", "autoattack"})
+    # (at the digits test radius, where Square needs fewer queries: 20 images, ~12 s)
+    res = _protocol(masked, surrogate, x[:20], y[:20], {"whitebox", "autoattack"}, eps=EPS)
     fired = {f["flag"] for f in res["flags"]}
     assert {"square_beats_gradient_attacks", "autoattack_warning"} <= fired, res
     assert res["autoattack"] < res["whitebox"]["PGD-100x3"] - 0.2
