@@ -230,7 +230,8 @@ def _autoattack_stage(aa, stage: str, x: torch.Tensor, y: torch.Tensor) -> torch
     if stage == "square":
         aa.square.seed = aa.get_seed()
         return aa.square.perturb(x, y)
-    raise ValueError(f"unknown AutoAttack stage {stage!r}; choose from {', '.join(AUTOATTACK_STAGES)}")
+    raise ValueError(f"unknown AutoAttack stage {stage!r}; choose from "
+                     f"{', '.join(AUTOATTACK_STAGES)}")
 
 
 @contextmanager
@@ -619,10 +620,10 @@ def stage_notes(r: dict) -> str:
     out = []
     if "autoattack_details" in r:
         d = r["autoattack_details"]
-        out.append(f"AutoAttack: standard version of the reference implementation ({d['package']}), "
-                   "L-inf; 'AA after X' is its robust accuracy after its attacks up to X, "
-                   "run in turn on the images still standing (APGD-CE, APGD-T, FAB-T, Square); "
-                   "the AutoAttack column is after all four.")
+        out.append(f"AutoAttack: standard version of the reference implementation "
+                   f"({d['package']}), L-inf; 'AA after X' is its robust accuracy after its "
+                   "attacks up to X, run in turn on the images still standing (APGD-CE, APGD-T, "
+                   "FAB-T, Square); the AutoAttack column is after all four.")
     if "apgd_details" in r:
         out.append("APGD-CE+T: the first two attacks of standard AutoAttack only (a quick look, "
                    "not AutoAttack): APGD-CE then APGD-T, 100 iterations each.")
@@ -966,8 +967,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=EVAL_PRESETS, help="default: digits for digits runs, "
                    "paper otherwise")
     p.add_argument("--parts", type=lambda s: set(s.split(",")), help="comma-separated subset of "
-                   f"{','.join(EVAL_PARTS)} (default: all; transfer and corruptions when their "
-                   "inputs are given)")
+                   f"{','.join(EVAL_PARTS)} (default: all but apgd, the quick look at AutoAttack's "
+                   "first half; transfer and corruptions when their inputs are given)")
     p.add_argument("--eps", type=_numbers(float, single=True), help="test radius [x/255]")
     p.add_argument("--step-size", type=_numbers(float, single=True),
                    help="PGD step size [x/255]")
