@@ -198,3 +198,18 @@ def test_flags_fire_on_a_masked_model_and_stay_quiet_on_the_normal_one(trained, 
     fired = {f["flag"] for f in res["flags"]}
     assert {"square_beats_gradient_attacks", "autoattack_warning"} <= fired, res
     assert res["autoattack"] < res["whitebox"]["PGD-100x3"] - 0.2
+
+
+def test_the_apgd_part_is_a_quick_look_never_called_autoattack(runs, capsys):
+    """`--parts apgd` (here through the Python API): APGD-CE then APGD-T at the standard counts,
+    per stage in the JSON, titled APGD-CE+T; an eval.json from before the reference AutoAttack
+    keeps its number under a title that says what it was."""
+    res = iaat_eval.evaluate_run(runs[0], parts={"apgd"}, n_examples=20, name="apgd")
+    assert list(res["apgd_stages"]) == ["APGD-CE", "APGD-T"] and "autoattack" not in res
+    assert res["apgd"] == res["apgd_stages"]["APGD-T"] <= res["apgd_stages"]["APGD-CE"]
+    assert res["apgd_details"]["settings"]["apgd-t"] == {"n_iter": 100, "n_restarts": 1,
+                                                         "n_target_classes": 9}
+    out = capsys.readouterr().out
+    assert "| APGD-CE | APGD-CE+T | worst case | flags |" in out and "AutoAttack |" not in out
+    old = {"label": "old", "natural": 0.9, "autoattack": 0.5}
+    assert "| AutoAttack (torchattacks, 10 iterations) |" in iaat_eval.eval_table([old])
