@@ -735,10 +735,10 @@ def sanity_flags(r: dict) -> list:
     runs = [(_pgd_counts(k), v) for k, v in white.items()]
     if "steps_sweep" in r:
         runs += [((s, 1), v) for s, v in zip(r["steps_sweep"]["steps"], r["steps_sweep"]["acc"])]
-    worst_gap, top = None, max((k for (k, _), _ in runs), default=0)
+    worst_gap, most_steps = None, max((k for (k, _), _ in runs), default=0)
     for (ks, rs), weak in runs:
         for (kb, rb), strong in runs:
-            if kb >= ks and rb >= rs and (kb, rb) != (ks, rs) and 10 * ks >= top and \
+            if kb >= ks and rb >= rs and (kb, rb) != (ks, rs) and 10 * ks >= most_steps and \
                     weak - strong > max(0.02, tol, 0.1 * weak) and \
                     (worst_gap is None or weak - strong > worst_gap[0]):
                 worst_gap = (weak - strong, f"{_name(ks, rs)} {pct(weak)} -> {_name(kb, rb)} "
