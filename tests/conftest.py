@@ -26,6 +26,29 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory):
+    """Two short PGD-AT digits runs (seeds 0 and 1): a model and an independent surrogate
+    (shared by test_eval.py and test_autoattack.py: trained once per session)."""
+    import iaat
+    root = tmp_path_factory.mktemp("runs")
+    for seed, epochs in ((0, 8), (1, 3)):
+        cfg = iaat.make_config("digits", method="at", seed=seed, epochs=epochs, eps_w=0.1,
+                               lr_milestones=(6, 7), eval_subset=50, out=str(root / f"s{seed}"))
+        iaat.train(cfg, log=lambda msg: None)
+    return root / "s0", root / "s1"
+
+
+@pytest.fixture(scope="session")
+def trained(runs):
+    """The seed-0 run's model (eval mode), its test images in [0,1] and labels."""
+    import iaat
+    import iaat_eval
+    model, cfg, data, epoch = iaat_eval.load_run(runs[0], torch.device("cpu"))
+    assert epoch == cfg.epochs == 8
+    return model, iaat.to_float(data.test_x), data.test_y
+
+
 def tiny_cnn(num_classes=10, in_ch=1, bn=True):
     """A small conv net with BatchNorm (so train/eval mode matters) in front of a linear head."""
     layers = [nn.Conv2d(in_ch, 8, 3, padding=1)]
