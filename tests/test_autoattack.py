@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import iaat
 import iaat_eval
 
 EPS, STEP = 0.2, 0.05  # the digits preset's test radius and step
