@@ -892,7 +892,7 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: str = "eval",
             "targeted": ev["targeted"], "n_examples": len(idx), "eval_seed": ev["seed"],
             "surrogate": str(surrogate) if surrogate_model is not None else None,
             "corruptions_dir": str(corruptions) if "corruptions" in ev["parts"] else None,
-            "device": device.type, "torch": torch.__version__}
+            "device": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__}
     json_path = run / f"{name}.json"
     res = run_evaluation(model, data.test_x[idx], data.test_y[idx], ev=ev,
                          num_classes=data.num_classes, surrogate=surrogate_model,
@@ -1040,8 +1040,11 @@ def main(argv=None) -> int:
             args[key] /= PIXEL
     if args["eps_sweep"] is not None:
         args["eps_sweep"] = tuple(e / PIXEL for e in args["eps_sweep"])
-    torch.set_num_threads(iaat.choose_threads(args.pop("threads"))[0])  # iaat_run.choose_threads
+    threads = args.pop("threads")
     try:
+        if threads is not None and threads < 1:
+            raise IAATError(f"--threads must be positive, got {threads}")
+        torch.set_num_threads(iaat.choose_threads(threads)[0])  # iaat_run.choose_threads
         evaluate_run(args.pop("run"), **args)
     except (IAATError, OSError) as err:
         print(f"iaat: error: {err}", file=sys.stderr)
