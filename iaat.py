@@ -35,9 +35,9 @@ import torch.nn.functional as F
 
 # the run machinery beside this file: process group, run folder files, SIGTERM, CPU threads
 from iaat_run import (TORCH_THREADS, CLIParser, Dist, IAATError, agreement, all_sum, any_process,
-                      atomic_write, choose_threads, claim_run_dir, current_dist, gather_everywhere,
-                      global_totals, local_rank_zero_first, pick_device, process_group,
-                      read_metrics, same_everywhere, sigterm_flag, write_eps_history, write_json,
+                      atomic_write, claim_run_dir, current_dist, global_totals,
+                      local_rank_zero_first, pick_device, process_group, read_metrics,
+                      same_everywhere, set_threads, sigterm_flag, write_eps_history, write_json,
                       write_metrics)
 
 PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
@@ -832,15 +832,10 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     return finish(cfg, s, data, out, rows, history, log)
 
 def use_threads(cfg: Config, ckpt: Optional[dict], log) -> Config:
-    """torch's CPU threads: --threads, else a resumed run's count (the same count gives the same
-    numbers), else iaat_run.choose_threads's; rank 0's on every process; `cfg` records it."""
-    saved = ckpt["config"].get("threads", TORCH_THREADS) if ckpt else None  # older: torch's
-    threads, why = choose_threads(cfg.threads or saved)
-    threads = gather_everywhere(threads)[0]
-    torch.set_num_threads(threads)
-    why = "as before" if saved and not cfg.threads else why
-    log(f"{threads} CPU thread{'s' * (threads > 1)} ({why})")
-    return dataclasses.replace(cfg, threads=threads)
+    """torch's CPU threads (iaat_run.set_threads): --threads, else a resumed run's count (the
+    same count gives the same numbers; older runs: torch's default), else the idle cores."""
+    saved = ckpt["config"].get("threads", TORCH_THREADS) if ckpt else None
+    return dataclasses.replace(cfg, threads=set_threads(cfg.threads, saved, log))
 
 def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Callable,
                steps_per_epoch: int, shard_size: int, log: Callable[[str], None], *,

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import iaat
+import iaat_run
 from iaat import (PIXEL, Config, IAATError, CLIParser, Step, atomic_write, ball, build_model,
                   clean_correct, input_grad, load_data, model_mode, per_sample, pgd_attack,
                   pgd_fooled, pick_device, read_checkpoint, step_per_sample, to_float,
@@ -1044,7 +1045,7 @@ def main(argv=None) -> int:
     try:
         if threads is not None and threads < 1:
             raise IAATError(f"--threads must be positive, got {threads}")
-        torch.set_num_threads(iaat.choose_threads(threads)[0])  # iaat_run.choose_threads
+        torch.set_num_threads(iaat_run.choose_threads(threads)[0])
         evaluate_run(args.pop("run"), **args)
     except (IAATError, OSError) as err:
         print(f"iaat: error: {err}", file=sys.stderr)

@@ -306,3 +306,14 @@ def choose_threads(requested: Optional[int] = None) -> tuple:
     if idle is None:
         return default, "torch's default, one per core"
     return max(1, min(default, int(idle + 0.3))), f"{idle:.1f} of {default} cores idle at the start"
+
+
+def set_threads(requested: Optional[int], resumed: Optional[int], log: Callable[[str], None]) -> int:
+    """Set torch's CPU threads for a run: `requested` (--threads), else `resumed` (a resumed
+    run's count), else choose_threads's; rank 0's count on every process. Logs it; returns it."""
+    threads, why = choose_threads(requested or resumed)
+    threads = gather_everywhere(threads)[0]
+    torch.set_num_threads(threads)
+    why = "as before" if resumed and not requested else why
+    log(f"{threads} CPU thread{'s' * (threads > 1)} ({why})")
+    return threads
