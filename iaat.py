@@ -33,11 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# the run machinery beside this file: torchrun's process group, the run folder's files, SIGTERM
-from iaat_run import (CLIParser, Dist, IAATError, agreement, all_sum, any_process, atomic_write,
-                      choose_threads, claim_run_dir, current_dist, global_totals, local_rank_zero_first,
-                      pick_device, process_group,
-                      read_metrics, same_everywhere, sigterm_flag, write_eps_history, write_json,
+# the run machinery beside this file: process group, run folder files, SIGTERM, CPU threads
+from iaat_run import (TORCH_THREADS, CLIParser, Dist, IAATError, agreement, all_sum, any_process,
+                      atomic_write, claim_run_dir, current_dist, global_totals,
+                      local_rank_zero_first, pick_device, process_group, read_metrics,
+                      same_everywhere, set_threads, sigterm_flag, write_eps_history, write_json,
                       write_metrics)
 
 PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
@@ -104,7 +104,8 @@ class Config:
     data_root: str = option("data", "where CIFAR is read from (and downloaded to)")
     download: bool = option(True, "download CIFAR when it is missing")
     device: str = option("auto", "auto (cuda if available), cpu or cuda")
-    threads: Optional[int] = option(None, "CPU threads (default: the cores idle at the start)")
+    threads: Optional[int] = option(None, "CPU threads: auto = the cores idle at the start (torch's "
+                                          "one per core runs several times slower beside a busy process)")
     save_every: int = option(0, "also checkpoint every N training steps (0: at epoch ends only)")
     plot_every: int = option(10, "rewrite the plots every N epochs (always at the end)")
     # speed: amp changes the arithmetic; the others change no number that matters
@@ -174,7 +175,7 @@ def check_config(cfg: Config) -> Config:
 _UNITS = {f.name for f in dataclasses.fields(Config) if f.metadata["unit"]}  # typed as x/255
 _NON_NEGATIVE = _UNITS | {"weight_decay", "momentum", "step_rel"}
 _AT_LEAST = dict(dict.fromkeys(("batch_size", "attack_steps", "eval_steps", "eval_batch",
-                                 "select_steps"), 1), epochs=0, eval_subset=0)
+                                 "select_steps", "threads"), 1), epochs=0, eval_subset=0)
 
 def cli_value(name: str, value, unit: Optional[bool] = None) -> str:
     """A value in the CLI's units, as a user types it: '8' for 8/255, '13 17' for a tuple."""
@@ -182,7 +183,8 @@ def cli_value(name: str, value, unit: Optional[bool] = None) -> str:
         return " ".join(cli_value(name, v, unit) for v in value)
     if isinstance(value, float) and (name in _UNITS if unit is None else unit):
         return f"{value * PIXEL:g}"
-    return "resnet18 on CIFAR" if value is None and name == "model" else str(value)
+    return {"model": "resnet18 on CIFAR", "threads": "auto"}.get(name, "None") if value is None \
+        else str(value)
 
 def preset_changes(cfg: Config, skip=Config.RUNTIME) -> list:
     """(name, value) of every setting that differs from the dataset and model's preset."""
@@ -653,7 +655,7 @@ def make_state(model: nn.Module, cfg: Config, n: int, opt=None, sched=None) -> T
                       torch.full((n,), eps_init, device=device),
                       torch.zeros(n, dtype=torch.int32, device=device))
 
-# ===== torchrun: devices, shards of each global batch, one consistent eps memory ============
+# ===== torchrun: shards of each global batch, one consistent eps memory ====================
 
 def shard(chunk: torch.Tensor, d: Dist) -> torch.Tensor:
     """This process's part of a global batch: contiguous, disjoint, sizes differ by at most
@@ -837,13 +839,10 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     return finish(cfg, s, data, out, rows, history, log)
 
 def use_threads(cfg: Config, ckpt: Optional[dict], log) -> Config:
-    """torch's CPU threads: --threads, else a resumed run's count (the same count gives the same
-    numbers), else the cores idle now (iaat_run.choose_threads); `cfg` records the count."""
-    saved = (ckpt or {}).get("config", {}).get("threads")
-    threads, why = choose_threads(cfg.threads or saved)
-    torch.set_num_threads(threads)
-    log(f"{threads} CPU thread{'s' * (threads > 1)} ({why if threads != saved else 'as before'})")
-    return dataclasses.replace(cfg, threads=threads)
+    """torch's CPU threads (iaat_run.set_threads): --threads, else a resumed run's count (the
+    same count gives the same numbers; older runs: torch's default), else the idle cores."""
+    saved = ckpt["config"].get("threads", TORCH_THREADS) if ckpt else None
+    return dataclasses.replace(cfg, threads=set_threads(cfg.threads, saved, log))
 
 def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Callable,
                steps_per_epoch: int, shard_size: int, log: Callable[[str], None], *,
@@ -967,7 +966,8 @@ def format_row(r: dict, cfg: Config) -> str:
 
 def plot_run(out: Path, rows: list, history: np.ndarray, warmup: int = 0) -> None:
     """curves.png, eps_hist.png and eps_mean.png (drawn by iaat_eval, with matplotlib)."""
-    __import__("iaat_eval").plot_run(out, rows, history, warmup)
+    import iaat_eval
+    iaat_eval.plot_run(out, rows, history, warmup)
 
 # ===== The end-of-training evaluation: natural and PGD accuracy on the test set =============
 

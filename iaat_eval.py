@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import iaat
+import iaat_run
 from iaat import (PIXEL, Config, IAATError, CLIParser, Step, atomic_write, ball, build_model,
                   clean_correct, input_grad, load_data, model_mode, per_sample, pgd_attack,
                   pgd_fooled, pick_device, read_checkpoint, step_per_sample, to_float,
@@ -140,18 +143,19 @@ def cw_margin(logits: torch.Tensor, y: torch.Tensor, reduction: str = "sum") -> 
     return (other - true).sum() if reduction == "sum" else other - true
 
 
-LIBRARY_ATTACKS = ("deepfool", "mifgsm", "cw40", "autoattack")
+LIBRARY_ATTACKS = ("deepfool", "mifgsm", "cw40")
 
 
 def library_attack(name: str, model: nn.Module, *, eps: float, step_size: float,
                    num_classes: int, seed: int = 0, steps: int = 10):
-    """An attack from torchattacks, with the settings of paper Table 3 or AutoAttack:
+    """An attack from torchattacks, with the settings of paper Table 3:
 
     deepfool    DeepFool (L2, 50 steps, overshoot 0.02); the caller clips it into the eps-ball
     mifgsm      MI-FGSM (Dong et al.): 10 steps of eps/10, momentum decay 1.0
     cw40        PGD-40 on the CW margin loss, random start, step `step_size`
-    autoattack  AutoAttack, standard version (APGD-CE, APGD-T, FAB-T, Square; Croce & Hein)
     pgd         torchattacks' PGD with `steps` (used to cross-check our pgd_attack)
+
+    AutoAttack is not here: torchattacks' AutoAttack runs 10 iterations (see autoattack_correct).
     """
     import torchattacks as ta
     if name == "deepfool":
@@ -161,11 +165,6 @@ def library_attack(name: str, model: nn.Module, *, eps: float, step_size: float,
     if name == "cw40":
         return ta.UPGD(model, eps=eps, alpha=step_size, steps=40, random_start=True, decay=0.0,
                        loss=lambda images, labels, _target: cw_margin(model(images), labels))
-    if name == "autoattack":
-        # torchattacks' n_classes sets the targets of APGD-T and FAB-T to n_classes - 1; the
-        # standard version uses the 9 most likely other classes, also on CIFAR-100
-        return ta.AutoAttack(model, norm="Linf", eps=eps, version="standard",
-                             n_classes=min(num_classes, 10), seed=seed)
     if name == "pgd":
         return ta.PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True)
     raise ValueError(f"unknown attack {name!r}; choose from {', '.join(LIBRARY_ATTACKS)}, pgd")
@@ -180,6 +179,146 @@ def library_correct(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         x_adv = torch.clamp(torch.where(torch.isfinite(x_adv), x_adv, x), *ball(x, eps))
         with torch.no_grad():
             return model(x_adv).argmax(1) == y
+
+
+# ============================================================================================
+# AutoAttack (Croce & Hein 2020), standard version, from the reference implementation
+# ============================================================================================
+
+# The stages of standard AutoAttack in the order it runs them (reference name -> title), and
+# the parts of `iaat eval` that run them: `apgd` is the cheap quick look (its first two).
+AUTOATTACK_STAGES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T",
+                     "square": "Square"}
+AUTOATTACK_PARTS = {"autoattack": tuple(AUTOATTACK_STAGES), "apgd": ("apgd-ce", "apgd-t")}
+
+
+def reference_autoattack(model: nn.Module, *, eps: float, seed: int = 0):
+    """The reference AutoAttack (fra31/auto-attack, packaged on PyPI as pyautoattack), standard
+    version, L-inf: APGD-CE (100 iterations, 1 restart), APGD-T (100 iterations, the 9 most
+    likely other classes), FAB-T (9 targets), Square (5000 queries). Its own settings, also on
+    CIFAR-100; the model takes images in [0,1] (iaat's models normalise inside)."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise IAATError("the autoattack and apgd parts need the reference AutoAttack: "
+                        "pip install pyautoattack (in requirements.txt)") from None
+    device = next(model.parameters()).device
+    return AutoAttack(model, norm="Linf", eps=float(eps), version="standard", seed=seed,
+                      device=device)
+
+
+def autoattack_settings(aa) -> dict:
+    """The settings each stage of a reference AutoAttack object will run with, read from it."""
+    return {"apgd-ce": {"n_iter": aa.apgd.n_iter, "n_restarts": aa.apgd.n_restarts},
+            "apgd-t": {"n_iter": aa.apgd_targeted.n_iter, "n_restarts": aa.apgd_targeted.n_restarts,
+                       "n_target_classes": aa.apgd_targeted.n_target_classes},
+            "fab-t": {"n_iter": aa.fab.n_iter, "n_restarts": 1,  # set to 1 as it runs (below)
+                      "n_target_classes": aa.fab.n_target_classes},
+            "square": {"n_queries": aa.square.n_queries, "p_init": aa.square.p_init}}
+
+
+def _autoattack_stage(aa, stage: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One stage on one batch, set up exactly as AutoAttack.run_standard_evaluation does."""
+    if stage == "apgd-ce":
+        aa.apgd.loss, aa.apgd.seed = "ce", aa.get_seed()
+        return aa.apgd.perturb(x, y)
+    if stage == "apgd-t":
+        aa.apgd_targeted.seed = aa.get_seed()
+        return aa.apgd_targeted.perturb(x, y)
+    if stage == "fab-t":
+        aa.fab.targeted, aa.fab.n_restarts, aa.fab.seed = True, 1, aa.get_seed()
+        return aa.fab.perturb(x, y)
+    if stage == "square":
+        aa.square.seed = aa.get_seed()
+        return aa.square.perturb(x, y)
+    raise ValueError(f"unknown AutoAttack stage {stage!r}; choose from "
+                     f"{', '.join(AUTOATTACK_STAGES)}")
+
+
+@contextmanager
+def _frozen(model: nn.Module):
+    """Parameters without requires_grad for a block: FAB's .backward() fills no parameter .grad
+    (and computes none); the input gradient is unchanged."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class _Warnings(logging.Handler):
+    """Collects the reference's warnings (its checks for gradient masking and the like)."""
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen = {}
+
+    def emit(self, record):
+        msg = record.getMessage()
+        self.seen[msg] = self.seen.get(msg, 0) + 1
+
+
+def autoattack_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: float,
+                       seed: int = 0, stages=tuple(AUTOATTACK_STAGES), batch_size: int = 250,
+                       info: Optional[dict] = None) -> torch.Tensor:
+    """(len(stages), B) bool: correct after each stage of standard AutoAttack, cumulatively
+    (row s: not broken by stages 0..s), as the reference reports its robust accuracy.
+
+    The reference's own attack objects and settings (reference_autoattack) and the loop of its
+    run_standard_evaluation: each stage attacks the images still standing, in batches of
+    `batch_size` (its default 250; with the same batch size and seed the result is the
+    reference's, image by image), and so do its checks (randomised or dynamic model, logits,
+    number of classes, zero gradients, Square). x_u8: uint8 images, converted per batch.
+    Eval mode, FP32. `info`, if given, receives the settings, the warnings, the largest
+    L-inf perturbation and the seconds of each stage."""
+    from pyautoattack import checks
+    stages = tuple(stages)
+    unknown = set(stages) - set(AUTOATTACK_STAGES)
+    if unknown:
+        raise ValueError(f"unknown AutoAttack stages {sorted(unknown)}")
+    warned = _Warnings()
+    with model_mode(model, False), _frozen(model), torch.autocast(y.device.type, enabled=False):
+        aa = reference_autoattack(model, eps=eps, seed=seed)
+        aa.logger.addHandler(warned)  # also keeps them off stderr (logging's last resort)
+        try:
+            first = to_float(x_u8[:batch_size])
+            checks.check_randomized(aa.get_logits, first, y[:batch_size], bs=batch_size,
+                                    logger=aa.logger)
+            n_cls = checks.check_range_output(aa.get_logits, first, logger=aa.logger)
+            tracer = sys.gettrace()  # check_dynamic sets a tracer and clears it (a debugger's too)
+            checks.check_dynamic(model, first, False, logger=aa.logger)
+            sys.settrace(tracer)
+            checks.check_n_classes(n_cls, list(stages), aa.apgd_targeted.n_target_classes,
+                                   aa.fab.n_target_classes, logger=aa.logger)
+            rows, worst_linf, seconds = [], 0.0, {}
+            with torch.no_grad():
+                ok = torch.cat([model(to_float(x_u8[i])).argmax(1) == y[i]
+                                for i in torch.arange(len(y), device=y.device).split(batch_size)])
+                clean = ok.float().mean().item()
+                for stage in stages:
+                    t0 = time.time()
+                    for i in ok.nonzero().flatten().split(batch_size):
+                        x = to_float(x_u8[i])
+                        x_adv = _autoattack_stage(aa, stage, x, y[i])
+                        fooled = model(x_adv).argmax(1) != y[i]
+                        ok[i[fooled]] = False
+                        worst_linf = max(worst_linf, (x_adv - x).abs().max().item())
+                    rows.append(ok.clone())
+                    seconds[stage] = round(time.time() - t0, 1)
+            accs = {s: r.float().mean().item() for s, r in zip(stages, rows)}
+            checks.check_square_sr({"clean": clean, **accs}, logger=aa.logger)
+        finally:
+            aa.logger.removeHandler(warned)
+    if info is not None:
+        from importlib.metadata import version
+        info.update(package=f"pyautoattack {version('pyautoattack')}", version="standard",
+                    norm="Linf", seed=seed, batch_size=batch_size,
+                    settings={s: autoattack_settings(aa)[s] for s in stages},
+                    max_linf_255=worst_linf * PIXEL, seconds=seconds,
+                    warnings=[f"{m} (x{n})" if n > 1 else m for m, n in warned.seen.items()])
+    return torch.stack(rows)
 
 
 # The 19 corruptions of CIFAR-10-C / CIFAR-100-C (Hendrycks & Dietterich 2019). The first 15
@@ -245,7 +384,11 @@ EVAL_PRESETS = {
                    eps_sweep=(0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4),
                    steps_sweep=(1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)),
 }
-EVAL_PARTS = ("whitebox", "transfer", "corruptions", "eps_sweep", "steps_sweep") + LIBRARY_ATTACKS
+EVAL_PARTS = ("whitebox", "transfer", "corruptions", "eps_sweep", "steps_sweep") + LIBRARY_ATTACKS \
+    + tuple(AUTOATTACK_PARTS)
+# left out of the default: apgd is the first half of autoattack (a quick look), and transfer
+# and corruptions need their inputs
+QUICK_PARTS = {"apgd", "transfer", "corruptions"}
 
 
 # input channels and classes of each dataset: enough to rebuild a model from its checkpoint
@@ -320,10 +463,14 @@ def run_evaluation(model, x_u8, y, *, ev: dict, num_classes: int, surrogate=None
     white-box attack that ran. `target` makes the white-box PGD rows random-targeted (the
     other parts stay untargeted). Each part reseeds torch with ev["seed"], so a part's result
     does not depend on which others ran. `progress` receives the results so far after each
-    part (a long CIFAR evaluation keeps what it has measured)."""
+    part (a long CIFAR evaluation keeps what it has measured). res["flags"] holds the
+    sanity flags (sanity_flags) raised by the results."""
     with torch.autocast(y.device.type, enabled=False):  # FP32 even inside a caller's autocast
-        return _run_parts(model, x_u8, y, ev, num_classes, surrogate, corruptions, target,
-                          progress or (lambda res: None))
+        res = _run_parts(model, x_u8, y, ev, num_classes, surrogate, corruptions, target,
+                         progress or (lambda res: None))
+    res["flags"] = sanity_flags(dict(res, eps_255=ev["eps"] * PIXEL, n_examples=len(y),
+                                     targeted="none" if target is None else "random"))
+    return res
 
 
 def _run_parts(model, x_u8, y, ev, num_classes, surrogate, corruptions, target, progress):
@@ -365,6 +512,16 @@ def _run_parts(model, x_u8, y, ev, num_classes, surrogate, corruptions, target, 
             ok = timed(name, lambda: batched(
                 lambda x, t, _: library_correct(attack, model, x, t, eps), name))
             res[name], worst = ok.float().mean().item(), worst & ok
+    for name, stages in AUTOATTACK_PARTS.items():
+        if name in parts:
+            info = {}
+            rows = timed(name, lambda: autoattack_correct(
+                model, x_u8, y, eps=eps, seed=ev["seed"], stages=stages,
+                batch_size=bs, info=info))
+            res[name], worst = rows[-1].float().mean().item(), worst & rows[-1]
+            res[f"{name}_stages"] = {AUTOATTACK_STAGES[s]: r.float().mean().item()
+                                     for s, r in zip(stages, rows)}
+            res[f"{name}_details"] = info
     if "corruptions" in parts:
         res["corruptions"] = timed("corruptions", lambda: corruption_accuracy(
             model, corruptions, ev, x_u8.shape[1:], num_classes))
@@ -385,7 +542,7 @@ def _run_parts(model, x_u8, y, ev, num_classes, surrogate, corruptions, target, 
                                             steps=ev["steps_sweep"]), "PGD steps sweep"))
         res["steps_sweep"] = {"steps": list(ev["steps_sweep"]),
                               "acc": ok.float().mean(1).tolist()}
-    if parts & {"whitebox", *LIBRARY_ATTACKS}:
+    if parts & {"whitebox", *LIBRARY_ATTACKS, *AUTOATTACK_PARTS}:
         res["worst_case"] = worst.float().mean().item()
     res["seconds"] = seconds
     return res
@@ -419,28 +576,196 @@ def corruption_accuracy(model, root: Path, ev: dict, shape, num_classes: int) ->
 
 # the columns of paper Tables 1 and 3 after natural and the white-box PGD rows: (key, title)
 TABLE_COLUMNS = (("transfer", "transfer"), ("corruptions", "corruption"), ("deepfool", "DeepFool"),
-                 ("mifgsm", "MI-FGSM"), ("cw40", "CW40"), ("autoattack", "AutoAttack"),
-                 ("worst_case", "worst case"))
+                 ("mifgsm", "MI-FGSM"), ("cw40", "CW40"), ("apgd", "APGD-CE+T"),
+                 ("autoattack", "AutoAttack"), ("worst_case", "worst case"))
+
+
+def _stage_cells(r: dict, key: str, title: str) -> dict:
+    """The robust accuracy after each stage but the last (the reference's report), then the part's
+    own column. An eval.json written before the reference AutoAttack holds torchattacks' weaker
+    10-iteration version, and says so in its title."""
+    if key == "autoattack" and f"{key}_details" not in r:
+        return {"AutoAttack (torchattacks, 10 iterations)": r[key]}
+    stages = list(r.get(f"{key}_stages", {}).items())[:-1]
+    prefix = "AA after " if key == "autoattack" else ""
+    return {**{prefix + t: v for t, v in stages}, title: r[key]}
 
 
 def table_cells(r: dict) -> dict:
     """Column title -> accuracy in % of one evaluation result, in the order of Tables 1 and 3."""
     cells = {"natural": r["natural"], **r.get("whitebox", {})}
     for key, title in TABLE_COLUMNS:
-        if key in r:
+        if key in AUTOATTACK_PARTS and key in r:
+            cells.update(_stage_cells(r, key, title))
+        elif key in r:
             cells[title] = r[key]["mean"] if isinstance(r[key], dict) else r[key]
     return {k: 100 * v for k, v in cells.items()}
 
 
 def eval_table(rows: list) -> str:
-    """Markdown: one row per evaluated run, the columns that ran."""
+    """Markdown: one row per evaluated run, the columns that ran, and the sanity flags raised."""
     titles = list(dict.fromkeys(t for r in rows for t in table_cells(r)))
-    lines = ["| run | " + " | ".join(titles) + " |", "|" + " --- |" * (len(titles) + 1)]
+    flags = any("flags" in r for r in rows)
+    lines = ["| run | " + " | ".join(titles) + (" | flags |" if flags else " |"),
+             "|" + " --- |" * (len(titles) + 1 + flags)]
     for r in rows:
         cells = table_cells(r)
         lines.append(f"| {r['label']} | " + " | ".join(
-            f"{cells[t]:.2f}" if t in cells else "-" for t in titles) + " |")
+            f"{cells[t]:.2f}" if t in cells else "-" for t in titles) + " |" + (
+            f" {', '.join(f['flag'] for f in r.get('flags', [])) or 'none'} |" if flags else ""))
     return "\n".join(lines)
+
+
+def stage_notes(r: dict) -> str:
+    """What the AutoAttack columns are, under the table."""
+    out = []
+    if "autoattack_details" in r:
+        d = r["autoattack_details"]
+        out.append(f"AutoAttack: standard version of the reference implementation "
+                   f"({d['package']}), L-inf; 'AA after X' is its robust accuracy after its "
+                   "attacks up to X, run in turn on the images still standing (APGD-CE, APGD-T, "
+                   "FAB-T, Square); the AutoAttack column is after all four.")
+    if "apgd_details" in r:
+        out.append("APGD-CE+T: the first two attacks of standard AutoAttack only (a quick look, "
+                   "not AutoAttack): APGD-CE then APGD-T, 100 iterations each.")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- sanity flags
+
+# What each flag means and what to try (Carlini et al. 2019, "On evaluating adversarial
+# robustness"; Croce & Hein 2020, and the reference's own checks, flags_doc.md).
+FLAGS = {
+    "transfer_beats_whitebox": (
+        "images crafted on another model fool this one more often than white-box PGD on this "
+        "model itself: its gradients mislead the attack (gradient masking), so the white-box "
+        "numbers overstate robustness",
+        "trust the lower number; run autoattack (its Square stage needs no gradients); look for "
+        "non-differentiable or saturating layers and attack through a smooth approximation (BPDA)"),
+    "square_beats_gradient_attacks": (
+        "Square, a black-box attack, breaks images that APGD-CE, APGD-T and FAB-T left standing: "
+        "the gradient attacks are being misled (gradient masking)",
+        "trust AutoAttack's final number, not the PGD ones; run Square with more queries and "
+        "restarts, or an adaptive attack (Tramer et al. 2020)"),
+    "eps_sweep_rises": (
+        "accuracy rises as the test radius grows, although every image inside a small ball is "
+        "also inside the larger one: the attack fails at large radii (masking, or a step size "
+        "that does not fit the radius)",
+        "check the sweep's step size, run more steps and restarts at the large radii"),
+    "eps_sweep_does_not_fall": (
+        "accuracy does not fall towards 0 as the test radius grows: at twice the evaluation "
+        "radius an attack should break most images, and it breaks fewer than half of those the "
+        "model classifies correctly (a sign of gradient masking)",
+        "extend the sweep to larger radii; try a gradient-free attack (Square, in autoattack) "
+        "or a transfer attack at the largest radius"),
+    "autoattack_above_pgd": (
+        "AutoAttack (or its APGD half) leaves more images standing than our PGD: the stronger "
+        "attack should be at most PGD's accuracy; the model may be randomised, output "
+        "probabilities instead of logits, or its loss surface may defeat APGD's step-size rule",
+        "read the reference's warnings in the JSON; for a randomised model use "
+        "version='rand' (EOT); report the lower number"),
+    "attack_not_converged": (
+        "a stronger setting of the same attack (tenfold the steps, or more restarts) still "
+        "lowers accuracy a lot: the attack has not converged and the reported accuracy is an "
+        "overestimate",
+        "run more steps and restarts until accuracy stops falling (the steps sweep shows where); "
+        "report the strongest result"),
+    "autoattack_warning": (
+        "the reference AutoAttack's own checks warned (its flags_doc.md): e.g. a randomised or "
+        "dynamic model, outputs that look like probabilities, or inputs with zero gradient",
+        "read the warning in the JSON (autoattack_details.warnings) and follow flags_doc.md of "
+        "fra31/auto-attack"),
+}
+
+
+def sanity_flags(r: dict) -> list:
+    """The signs of gradient masking or of an unconverged attack in one evaluation result (a
+    pure function of the results dict, as in eval.json). Each flag: {"flag", "evidence",
+    "meaning", "try"}. Differences count only above the noise: max(2 images, 1 point).
+
+    - transfer_beats_whitebox: transfer below the strongest white-box PGD (untargeted only);
+    - square_beats_gradient_attacks: AutoAttack's Square stage lowers its accuracy further;
+    - eps_sweep_rises: accuracy higher at a larger test radius;
+    - eps_sweep_does_not_fall: at the largest radius (at least twice the evaluation radius)
+      accuracy above half the natural accuracy;
+    - autoattack_above_pgd: AutoAttack or APGD-CE+T above the strongest white-box PGD;
+    - attack_not_converged: among the PGD runs with at least a tenth of the most steps any ran
+      (the last tenfold of the effort), one with at least as many steps and restarts as another
+      below it by more than max(2 points, 10% of the weaker's accuracy); the steps sweep
+      counts as PGD-k x 1;
+    - autoattack_warning: the reference's own checks warned."""
+    n = r.get("n_examples") or 0
+    tol = max(2 / n if n else 0.0, 0.01)
+    out = []
+
+    def flag(name, evidence):
+        out.append({"flag": name, "evidence": evidence, "meaning": FLAGS[name][0],
+                    "try": FLAGS[name][1]})
+
+    pct = lambda v: f"{100 * v:.2f}%"
+    white = r.get("whitebox", {})
+    strongest = min(white.items(), key=lambda kv: kv[1]) if white else None
+    if strongest and "transfer" in r and r.get("targeted", "none") == "none" and \
+            r["transfer"] < strongest[1] - tol:
+        flag("transfer_beats_whitebox", f"transfer {pct(r['transfer'])} < {strongest[0]} "
+             f"{pct(strongest[1])}")
+    stages = r.get("autoattack_stages", {})
+    if "Square" in stages and len(stages) > 1:
+        before = list(stages.values())[-2]
+        if stages["Square"] < before - tol:
+            flag("square_beats_gradient_attacks", f"after FAB-T {pct(before)}, after Square "
+                 f"{pct(stages['Square'])}")
+    if "eps_sweep" in r:
+        eps, acc = r["eps_sweep"]["eps_255"], r["eps_sweep"]["acc"]
+        order = sorted(range(len(eps)), key=lambda i: eps[i])
+        rises = [(eps[a], acc[a], eps[b], acc[b]) for a, b in zip(order, order[1:])
+                 if acc[b] > acc[a] + tol]
+        if rises:
+            flag("eps_sweep_rises", "; ".join(f"{pct(p)} at {e:g}/255 -> {pct(q)} at {f:g}/255"
+                                               for e, p, f, q in rises))
+        top = order[-1] if order else None
+        if top is not None and r.get("eps_255") and eps[top] >= 2 * r["eps_255"] and \
+                acc[top] > 0.5 * r["natural"] + tol:
+            flag("eps_sweep_does_not_fall", f"{pct(acc[top])} at {eps[top]:g}/255, natural "
+                 f"{pct(r['natural'])}")
+    if strongest:
+        for key, title in (("autoattack", "AutoAttack"), ("apgd", "APGD-CE+T")):
+            if key in r and f"{key}_details" in r and r[key] > strongest[1] + tol:
+                flag("autoattack_above_pgd", f"{title} {pct(r[key])} > {strongest[0]} "
+                     f"{pct(strongest[1])}")
+    runs = [(_pgd_counts(k), v) for k, v in white.items()]
+    if "steps_sweep" in r:
+        runs += [((s, 1), v) for s, v in zip(r["steps_sweep"]["steps"], r["steps_sweep"]["acc"])]
+    worst_gap, most_steps = None, max((k for (k, _), _ in runs), default=0)
+    for (ks, rs), weak in runs:
+        for (kb, rb), strong in runs:
+            if kb >= ks and rb >= rs and (kb, rb) != (ks, rs) and 10 * ks >= most_steps and \
+                    weak - strong > max(0.02, tol, 0.1 * weak) and \
+                    (worst_gap is None or weak - strong > worst_gap[0]):
+                worst_gap = (weak - strong, f"{_name(ks, rs)} {pct(weak)} -> {_name(kb, rb)} "
+                             f"{pct(strong)}")
+    if worst_gap:
+        flag("attack_not_converged", worst_gap[1])
+    for key in AUTOATTACK_PARTS:
+        if r.get(f"{key}_details", {}).get("warnings"):
+            flag("autoattack_warning", "; ".join(r[f"{key}_details"]["warnings"]))
+            break
+    return out
+
+
+def _pgd_counts(name: str) -> tuple:
+    """'PGD-100x5' -> (100, 5)."""
+    steps, restarts = name.removeprefix("PGD-").split("x")
+    return int(steps), int(restarts)
+
+
+def flag_notes(r: dict) -> str:
+    """The sanity flags in words, under the table."""
+    flags = r.get("flags", [])
+    if not flags:
+        return "Sanity flags: none raised." if "flags" in r else ""
+    return "Sanity flags (signs of gradient masking or an unconverged attack):\n" + "\n".join(
+        f"- {f['flag']}: {f['evidence']}. Means: {f['meaning']}. Try: {f['try']}." for f in flags)
 
 
 def sweep_tables(r: dict) -> str:
@@ -500,7 +825,7 @@ def eval_settings(dataset: str, *, preset: Optional[str] = None, parts=None, eps
     given = dict(eps=eps, step_size=step_size, whitebox=whitebox, transfer=transfer,
                  eps_sweep=eps_sweep, sweep_attack=sweep_attack, steps_sweep=steps_sweep)
     ev.update({k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None})
-    parts = set(parts) if parts else set(EVAL_PARTS) - {"transfer", "corruptions"} | (
+    parts = set(parts) if parts else set(EVAL_PARTS) - QUICK_PARTS | (
         {"transfer"} if surrogate else set()) | ({"corruptions"} if corruptions else set())
     unknown = parts - set(EVAL_PARTS)
     if unknown:
@@ -514,11 +839,12 @@ def eval_settings(dataset: str, *, preset: Optional[str] = None, parts=None, eps
         raise IAATError("--step-size, --n-examples and --batch-size must be positive")
     if targeted not in ("none", "random"):
         raise IAATError(f"targeted must be none or random, not {targeted!r}")
-    if parts & set(LIBRARY_ATTACKS):
-        import importlib.util
-        if importlib.util.find_spec("torchattacks") is None:  # now, not after hours of PGD
-            raise IAATError("the DeepFool, MI-FGSM, CW40 and AutoAttack parts need torchattacks "
-                            "(pip install -r requirements.txt), or leave them out with --parts")
+    import importlib.util  # the attack libraries: checked now, not after hours of PGD
+    for names, module, what in ((LIBRARY_ATTACKS, "torchattacks", "DeepFool, MI-FGSM and CW40"),
+                                (AUTOATTACK_PARTS, "pyautoattack", "autoattack and apgd")):
+        if parts & set(names) and importlib.util.find_spec(module) is None:
+            raise IAATError(f"the {what} parts need {module} (pip install -r requirements.txt), "
+                            "or leave them out with --parts")
     ev.update(parts=parts, targeted=targeted, n_examples=n_examples, seed=seed,
               batch_size=batch_size)
     return ev
@@ -567,7 +893,7 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: str = "eval",
             "targeted": ev["targeted"], "n_examples": len(idx), "eval_seed": ev["seed"],
             "surrogate": str(surrogate) if surrogate_model is not None else None,
             "corruptions_dir": str(corruptions) if "corruptions" in ev["parts"] else None,
-            "device": device.type, "torch": torch.__version__}
+            "device": device.type, "threads": torch.get_num_threads(), "torch": torch.__version__}
     json_path = run / f"{name}.json"
     res = run_evaluation(model, data.test_x[idx], data.test_y[idx], ev=ev,
                          num_classes=data.num_classes, surrogate=surrogate_model,
@@ -578,7 +904,8 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: str = "eval",
     text = (f"Evaluation of {run} at eps {ev['eps'] * PIXEL:g}/255, step "
             f"{ev['step_size'] * PIXEL:g}/255, {len(idx)} test images, seed {ev['seed']}"
             f"{', random-targeted white-box PGD' if target is not None else ''} (accuracy, %):\n\n"
-            + eval_table([res]) + "\n" + sweep_tables(res) + "\n")
+            + eval_table([res]) + "\n\n" + "\n\n".join(filter(None, (
+                stage_notes(res), flag_notes(res)))) + "\n" + sweep_tables(res) + "\n")
     print(text)
     write_json(json_path, res)
     atomic_write(run / f"{name}.md", lambda p: p.write_text(text))
@@ -641,8 +968,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=EVAL_PRESETS, help="default: digits for digits runs, "
                    "paper otherwise")
     p.add_argument("--parts", type=lambda s: set(s.split(",")), help="comma-separated subset of "
-                   f"{','.join(EVAL_PARTS)} (default: all; transfer and corruptions when their "
-                   "inputs are given)")
+                   f"{','.join(EVAL_PARTS)} (default: all but apgd, the quick look at AutoAttack's "
+                   "first half; transfer and corruptions when their inputs are given)")
     p.add_argument("--eps", type=_numbers(float, single=True), help="test radius [x/255]")
     p.add_argument("--step-size", type=_numbers(float, single=True),
                    help="PGD step size [x/255]")
@@ -726,8 +1053,11 @@ def main(argv=None) -> int:
             args[key] /= PIXEL
     if args["eps_sweep"] is not None:
         args["eps_sweep"] = tuple(e / PIXEL for e in args["eps_sweep"])
-    torch.set_num_threads(iaat.choose_threads(args.pop("threads"))[0])  # iaat_run.choose_threads
+    threads = args.pop("threads")
     try:
+        if threads is not None and threads < 1:
+            raise IAATError(f"--threads must be positive, got {threads}")
+        torch.set_num_threads(iaat_run.choose_threads(threads)[0])
         evaluate_run(args.pop("run"), **args)
     except (IAATError, OSError) as err:
         print(f"iaat: error: {err}", file=sys.stderr)

@@ -4,7 +4,7 @@
 - the run folder's files: writes that survive a kill at any moment, the lock that keeps two
   trainings out of one folder, the metrics and eps-history files;
 - the SIGTERM flag the training loop polls;
-- how many CPU threads torch uses.
+- how many CPU threads torch uses (the cores idle at the start).
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def current_dist() -> Dist:
 
 def pick_device(name: str, local_rank: Optional[int] = None) -> torch.device:
     """auto: this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    if local_rank is None:  # torchrun's, when it started more than one process
+        local_rank = int(os.environ.get("LOCAL_RANK", 0)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 0
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -96,9 +97,11 @@ def local_rank_zero_first():
     d = current_dist()
     if d.local_rank > 0:
         tdist.barrier()
-    yield
-    if d.world > 1 and d.local_rank == 0:
-        tdist.barrier()
+    try:
+        yield
+    finally:  # also when it failed: the others then fail on their own instead of waiting
+        if d.world > 1 and d.local_rank == 0:
+            tdist.barrier()
 
 
 @contextmanager
@@ -269,16 +272,20 @@ def idle_cores(seconds: float = 0.5) -> Optional[float]:
     /proc/stat (Linux); None where it cannot tell."""
     def busy_and_total():
         with open("/proc/stat") as f:
-            rows = {r[0]: [int(v) for v in r[1:9]] for r in map(str.split, f) if r[0].startswith("cpu")}
+            rows = {r[0]: [int(v) for v in r[1:9]] for r in map(str.split, f)
+                    if r and r[0].startswith("cpu")}
         mine = [rows[f"cpu{c}"] for c in os.sched_getaffinity(0)]  # user .. steal of each core
         return sum(sum(t) - t[3] - t[4] for t in mine), sum(map(sum, mine)), len(mine)
     try:
         busy0, total0, cores = busy_and_total()
         time.sleep(seconds)
         busy1, total1, _ = busy_and_total()
-    except (OSError, ValueError, KeyError, AttributeError):  # not Linux, or a /proc it can't read
+    except (OSError, ValueError, KeyError, IndexError, AttributeError):  # not Linux, or odd /proc
         return None
     return cores * (1 - (busy1 - busy0) / max(total1 - total0, 1))
+
+
+TORCH_THREADS = torch.get_num_threads()  # torch's default at start-up: one per core (or OMP_NUM_THREADS)
 
 
 def choose_threads(requested: Optional[int] = None) -> tuple:
@@ -288,9 +295,9 @@ def choose_threads(requested: Optional[int] = None) -> tuple:
     another process keeps a core busy, torch's threads wait on each other at every operator
     (measured on 2 cores: up to 10x slower). So the default is the number of cores idle at the
     start (an idle core counts from 70% idle), at least 1 and at most torch's default.
-    `requested` (--threads) or an OMP_NUM_THREADS the user set wins. It changes results: float
-    sums run in another order, so a run records the count it used."""
-    default = torch.get_num_threads()
+    `requested` (--threads, or a resumed run's count) or an OMP_NUM_THREADS the user set wins.
+    It changes results: float sums run in another order, so a run records the count it used."""
+    default = TORCH_THREADS
     if requested:
         return requested, "--threads"
     if os.environ.get("OMP_NUM_THREADS"):
@@ -299,3 +306,14 @@ def choose_threads(requested: Optional[int] = None) -> tuple:
     if idle is None:
         return default, "torch's default, one per core"
     return max(1, min(default, int(idle + 0.3))), f"{idle:.1f} of {default} cores idle at the start"
+
+
+def set_threads(requested: Optional[int], resumed: Optional[int], log: Callable[[str], None]) -> int:
+    """Set torch's CPU threads for a run: `requested` (--threads), else `resumed` (a resumed
+    run's count), else choose_threads's; rank 0's count on every process. Logs it; returns it."""
+    threads, why = choose_threads(requested or resumed)
+    threads = gather_everywhere(threads)[0]
+    torch.set_num_threads(threads)
+    why = "as before" if resumed and not requested else why
+    log(f"{threads} CPU thread{'s' * (threads > 1)} ({why})")
+    return threads

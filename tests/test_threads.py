@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 import iaat_run
 from conftest import ROOT
@@ -26,7 +25,7 @@ from conftest import ROOT
 def test_the_rule_takes_the_idle_cores_within_torchs_default(monkeypatch, idle, default, expected):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(iaat_run, "idle_cores", lambda: idle)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: default)
+    monkeypatch.setattr(iaat_run, "TORCH_THREADS", default)
     threads, why = iaat_run.choose_threads()
     assert threads == expected
     assert ("idle" in why) == (idle is not None)
@@ -36,7 +35,7 @@ def test_threads_flag_and_omp_num_threads_win(monkeypatch):
     monkeypatch.setattr(iaat_run, "idle_cores", lambda: 0.0)
     assert iaat_run.choose_threads(3) == (3, "--threads")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert iaat_run.choose_threads() == (torch.get_num_threads(), "OMP_NUM_THREADS")
+    assert iaat_run.choose_threads() == (iaat_run.TORCH_THREADS, "OMP_NUM_THREADS")
     assert iaat_run.choose_threads(2) == (2, "--threads")
 
 
