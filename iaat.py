@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import math
 import sys
 import time
@@ -1076,12 +1077,9 @@ def main(argv=None) -> int:
     `python iaat.py eval RUN_DIR [flags]`: the paper's evaluation protocol on a trained run;
     `python iaat.py rank RUN_DIR`: its training images by final radius, as a CSV."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["eval"]:
-        import iaat_eval
-        return iaat_eval.main(argv[1:])
-    if argv[:1] == ["rank"]:
-        import iaat_radius
-        return iaat_radius.main(argv[1:])
+    tools = {"eval": "iaat_eval", "rank": "iaat_radius"}  # the modules beside this file
+    if argv[:1] and argv[0] in tools:
+        return importlib.import_module(tools[argv[0]]).main(argv[1:])
     try:
         cfg = config_from_args(argv)
         with process_group(pick_device(cfg.device)):
