@@ -59,6 +59,42 @@ def tiny_cnn(num_classes=10, in_ch=1, bn=True):
     return model
 
 
+def frozen_linear(dim: int, g: torch.Generator) -> nn.Module:
+    """A frozen 2-class linear model f(x) = W x (weights drawn from `g`) on flattened inputs:
+    its L-inf distance to the decision boundary inside [0,1] is known in closed form."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(dim, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(2, dim, generator=g))
+        model[1].bias.zero_()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def worst_margin(model, x, y, eps):
+    """Closed form for frozen_linear: the smallest logit margin z_y - z_other over the eps-ball
+    intersected with [0,1]. Coordinate j moves against v_j = w_y[j] - w_o[j] by min(eps, room
+    to the box edge)."""
+    w, b = model[1].weight.double(), model[1].bias.double()
+    v = (w[y] - w[1 - y])
+    xf = x.flatten(1).double()
+    room = torch.where(v > 0, xf, 1 - xf)
+    eps = torch.as_tensor(eps, dtype=torch.double).expand(len(x))[:, None]
+    return (xf * v).sum(1) + (b[y] - b[1 - y]) - (v.abs() * torch.minimum(eps, room)).sum(1)
+
+
+def distance_to_boundary(model, x, y):
+    """For frozen_linear: the exact L-inf distance inside [0,1] (inf if the box holds no other
+    class), found by bisection on the closed-form worst margin, which decreases in eps."""
+    lo, hi = torch.zeros(len(x), dtype=torch.double), torch.ones(len(x), dtype=torch.double)
+    reachable = worst_margin(model, x, y, 1.0) < 0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        fooled = worst_margin(model, x, y, mid) < 0
+        hi, lo = torch.where(fooled, mid, hi), torch.where(fooled, lo, mid)
+    return torch.where(reachable, hi, torch.full_like(hi, float("inf"))).float()
+
+
 def run_cli(*args, cwd=None, timeout=600, env=None):
     """Run `python iaat.py ARGS` like a user would; return the CompletedProcess."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

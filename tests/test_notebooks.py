@@ -11,10 +11,8 @@
    This stands in for another machine on whatever machine CI runs.
 """
 import io
-import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tokenize

@@ -5,11 +5,10 @@ import csv
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import iaat
 import iaat_radius
-from conftest import run_cli
+from conftest import distance_to_boundary, frozen_linear, run_cli
 
 D = 24
 
@@ -18,12 +17,7 @@ def linear_problem(n=400, seed=0):
     """A frozen 2-class linear model on [0,1]^D and inputs near the box's faces, where the
     box, not the eps-ball, limits how far many coordinates can move."""
     g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 2))
-    with torch.no_grad():
-        model[1].weight.copy_(torch.randn(2, D, generator=g))
-        model[1].bias.zero_()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = frozen_linear(D, g)
     near = 0.06 * torch.rand(n, D, generator=g)
     x = torch.where(torch.rand(n, D, generator=g) < 0.5, near, 1 - near).view(n, 1, 4, D // 4)
     with torch.no_grad():
@@ -32,30 +26,12 @@ def linear_problem(n=400, seed=0):
 
 
 def exact_distance(model, x, y):
-    """Closed form. With v = w_y - w_other and margin m = v.x + b_y - b_other, a radius e lowers
-    the margin at best by g(e) = sum_j |v_j| min(e, room_j), room_j = x_j if v_j > 0 else
-    1 - x_j (the box [0,1] stops coordinate j there). g is piecewise linear and increasing;
-    the distance is the e with g(e) = m (inf if g never reaches m). Also the distance without
-    the box, m / |v|_1."""
-    w, b = model[1].weight.double(), model[1].bias.double()
-    xf, out, free = x.flatten(1).double(), [], []
-    for xi, yi in zip(xf, y):
-        v = w[yi] - w[1 - yi]
-        m = float(xi @ v + b[yi] - b[1 - yi])
-        room = torch.where(v > 0, xi, 1 - xi).numpy()
-        a = v.abs().numpy()
-        order = np.argsort(room)
-        room, a = room[order], a[order]
-        d = np.inf
-        for k in range(len(room)):  # on [room_(k-1), room_(k)]: g(e) = sum_{<k} a r + e sum_{>=k} a
-            lo = room[k - 1] if k else 0.0
-            e = (m - (a[:k] * room[:k]).sum()) / a[k:].sum()
-            if lo <= e <= room[k]:
-                d = e
-                break
-        out.append(d)
-        free.append(m / a.sum())
-    return np.array(out), np.array(free)
+    """The exact distance inside the box [0,1] (conftest.distance_to_boundary), and the
+    distance without the box, margin / |w_y - w_other|_1."""
+    w = model[1].weight.double()
+    v = w[y] - w[1 - y]
+    free = (x.flatten(1).double() * v).sum(1) / v.abs().sum(1)  # the bias is 0
+    return distance_to_boundary(model, x, y).double().numpy(), free.numpy()
 
 
 def test_minimal_radius_is_the_distance_to_the_boundary_inside_the_box():

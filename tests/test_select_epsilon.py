@@ -3,10 +3,9 @@ L-inf distance to the decision boundary inside [0,1] is known in closed form."""
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 import iaat
-from conftest import tiny_cnn
+from conftest import distance_to_boundary, frozen_linear, tiny_cnn
 
 D, GAMMA, STEPS, STEP = 24, 0.02, 20, 0.05  # 20 steps of 0.05 reach any corner of a 0.5-ball
 
@@ -14,39 +13,11 @@ D, GAMMA, STEPS, STEP = 24, 0.02, 20, 0.05  # 20 steps of 0.05 reach any corner 
 def linear_problem(n=300, seed=0):
     """A frozen 2-class linear model f(x) = W x + b, inputs x in [0,1]^D and labels y."""
     g = torch.Generator().manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 2))
-    with torch.no_grad():
-        model[1].weight.copy_(torch.randn(2, D, generator=g))
-        model[1].bias.zero_()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = frozen_linear(D, g)
     x = torch.rand(n, 1, 4, D // 4, generator=g)
     with torch.no_grad():
         y = model(x).argmax(1)  # every sample starts correctly classified
     return model, x, y
-
-
-def worst_margin(model, x, y, eps):
-    """Closed form: the smallest logit margin z_y - z_other over the eps-ball intersected with
-    [0,1]. Coordinate j moves against v_j = w_y[j] - w_o[j] by min(eps, room to the box edge)."""
-    w, b = model[1].weight.double(), model[1].bias.double()
-    v = (w[y] - w[1 - y])
-    xf = x.flatten(1).double()
-    room = torch.where(v > 0, xf, 1 - xf)
-    eps = torch.as_tensor(eps, dtype=torch.double).expand(len(x))[:, None]
-    return (xf * v).sum(1) + (b[y] - b[1 - y]) - (v.abs() * torch.minimum(eps, room)).sum(1)
-
-
-def distance_to_boundary(model, x, y):
-    """The exact L-inf distance inside [0,1] (inf if the box holds no other class), found by
-    bisection on the closed-form worst margin, which decreases in eps."""
-    lo, hi = torch.zeros(len(x), dtype=torch.double), torch.ones(len(x), dtype=torch.double)
-    reachable = worst_margin(model, x, y, 1.0) < 0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        fooled = worst_margin(model, x, y, mid) < 0
-        hi, lo = torch.where(fooled, mid, hi), torch.where(fooled, lo, mid)
-    return torch.where(reachable, hi, torch.full_like(hi, float("inf"))).float()
 
 
 def alg2_reference(d, prev, gamma, beta):
