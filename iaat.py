@@ -37,9 +37,9 @@ import torch.nn.functional as F
 # the run machinery beside this file: process group, run folder files, SIGTERM, CPU threads
 from iaat_run import (TORCH_THREADS, CLIParser, Dist, IAATError, agreement, all_sum, any_process,
                       atomic_write, claim_run_dir, current_dist, global_totals,
-                      local_rank_zero_first, pick_device, process_group, read_metrics,
-                      same_everywhere, set_threads, sigterm_flag, write_eps_history, write_json,
-                      write_metrics)
+                      local_rank_zero_first, pick_device, process_group, read_checkpoint,
+                      read_metrics, same_everywhere, set_threads, sigterm_flag, stopped,
+                      write_eps_history, write_json, write_metrics)
 
 PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
 
@@ -101,6 +101,9 @@ class Config:
     n_train: Optional[int] = option(None, "use only the first N training images (quick tries)")
     label_noise: float = option(0.0, "fraction of training labels flipped to another class, "
                                      "drawn with --seed (iaat_radius.flip_labels)")
+    val_size: int = option(0, "hold out N training images (stratified, fixed by --split-seed), "
+                              "never trained on; each epoch's PGD accuracy on them picks best.pt "
+                              "(0: none, the paper's protocol evaluates the last epoch)")
     out: Optional[str] = option(None, "run folder (default runs/<dataset>-<model>-<method>-seed<seed>)")
     data_root: str = option("data", "where CIFAR is read from (and downloaded to)")
     download: bool = option(True, "download CIFAR when it is missing")
@@ -160,7 +163,8 @@ def check_config(cfg: Config) -> Config:
             raise IAATError(f"{flag} must be a finite number >= 0, got "
                             f"{cli_value(name, value)}{'/255' if name in _UNITS else ''}")
         if name in _AT_LEAST and value is not None and value < _AT_LEAST[name]:
-            raise IAATError(f"{flag} must be positive, got {value}")
+            raise IAATError(f"{flag} must be {'>= 0' if _AT_LEAST[name] == 0 else 'positive'}, "
+                            f"got {value}")
     for wrong, message in (
             (not 0 < cfg.beta <= 1, f"--beta must be in (0, 1], got {cfg.beta}"),
             (cfg.eps_max is not None and cfg.eps_max < cfg.eps_min, "--eps-max must be >= --eps-min"),
@@ -176,7 +180,8 @@ def check_config(cfg: Config) -> Config:
 _UNITS = {f.name for f in dataclasses.fields(Config) if f.metadata["unit"]}  # typed as x/255
 _NON_NEGATIVE = _UNITS | {"weight_decay", "momentum", "step_rel"}
 _AT_LEAST = dict(dict.fromkeys(("batch_size", "attack_steps", "eval_steps", "eval_batch",
-                                 "select_steps", "threads"), 1), epochs=0, eval_subset=0)
+                                 "select_steps", "threads"), 1), epochs=0, eval_subset=0,
+                 val_size=0)
 
 def cli_value(name: str, value, unit: Optional[bool] = None) -> str:
     """A value in the CLI's units, as a user types it: '8' for 8/255, '13 17' for a tuple."""
@@ -221,6 +226,8 @@ class Data:
     mean: tuple  # per channel, in [0,1]; used inside the model
     std: tuple
     augmentation: str  # "cifar" (pad-4 reflect crop + flip) or "digits" (shift <= 1 px, no flip)
+    val_x: Optional[torch.Tensor] = None  # --val-size: held out of the training set
+    val_y: Optional[torch.Tensor] = None
 
     def to(self, device) -> "Data":
         return dataclasses.replace(self, **{k: v.to(device) for k, v in vars(self).items()
@@ -265,11 +272,27 @@ def load_data(cfg: Config, device) -> Data:
     if cfg.n_train is not None:
         data = dataclasses.replace(data, train_x=data.train_x[:cfg.n_train],
                                    train_y=data.train_y[:cfg.n_train])
+    if cfg.val_size:
+        data = hold_out(data, cfg.val_size, cfg.split_seed)
     if cfg.label_noise:
         from iaat_radius import flip_labels  # the label-noise experiment, beside this file
         data = dataclasses.replace(data, train_y=flip_labels(data.train_y, data.num_classes,
                                                              cfg.label_noise, cfg.seed))
     return data.to(device)
+
+def hold_out(data: Data, n: int, split_seed: int) -> Data:
+    """`data` with n training images, stratified by class and fixed by `split_seed`, moved to
+    val_x, val_y (kept in their order): a validation set chosen without the test set."""
+    from sklearn.model_selection import train_test_split
+    try:
+        train, val = (np.sort(i) for i in train_test_split(
+            np.arange(len(data.train_y)), test_size=n, random_state=split_seed,
+            stratify=data.train_y.cpu().numpy()))
+    except ValueError as err:  # n too small or too large for a stratified split
+        raise IAATError(f"--val-size {n} cannot be held out of {len(data.train_y)} training "
+                        f"images with every class in both parts: {err}") from None
+    return dataclasses.replace(data, train_x=data.train_x[train], train_y=data.train_y[train],
+                               val_x=data.train_x[val], val_y=data.train_y[val])
 
 def to_float(x_u8: torch.Tensor) -> torch.Tensor:
     return x_u8.float().div_(255)
@@ -710,23 +733,6 @@ def save_checkpoint(path: Path, cfg: Config, s: TrainState, totals: dict,
             "eps_visits": s.visits.cpu(), "rng": {k: v for k, v in rng.items() if v is not None}}
     atomic_write(path, lambda p: torch.save(ckpt, p))
 
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint read with weights_only=True and checked field by field; IAATError if not."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, or holding arbitrary objects
-        raise IAATError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    fields = {"config": dict, "device": str, "epoch": int, "step": int, "totals": dict,
-              "model": dict, "optimizer": dict, "scheduler": dict, "eps_memory": torch.Tensor,
-              "eps_visits": torch.Tensor, "rng": dict}
-    bad = [k for k, kind in fields.items() if not isinstance(ckpt.get(k), kind)] \
-        if isinstance(ckpt, dict) else ["all"]
-    if bad or ckpt.get("format") != 1:
-        raise IAATError(f"checkpoint {path} is not a complete iaat checkpoint (missing "
-                        f"{', '.join(bad) or 'format 1'})")
-    return ckpt
-
 def changed_setting(cfg: Config, saved: dict) -> Optional[str]:
     """The first setting (not a runtime one) in which `cfg` differs from a saved config, or
     None; a setting saved before it existed counts as its default."""
@@ -784,9 +790,9 @@ def restore(ckpt: dict, path: Path, s: TrainState, data_state: bool = True) -> d
 
 def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """Train one run into run_dir(cfg), resuming if its checkpoint exists; return the summary.
-    Writes checkpoint.pt, metrics.jsonl, eps_history.npy, config.json, summary.json and the
-    plots; IAATError on bad input or a non-finite loss. Under torchrun every process runs
-    this on its shard of every global batch; rank 0 alone logs and writes."""
+    Writes checkpoint.pt (best.pt with --val-size), metrics.jsonl, eps_history.npy, config.json,
+    summary.json and the plots; IAATError on bad input or a non-finite loss. Under torchrun
+    every process runs this on its shard of every global batch; rank 0 alone logs and writes."""
     d = current_dist()
     log = log if d.main else (lambda msg: None)
     out = run_dir(cfg)
@@ -828,16 +834,21 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
                 yield x.contiguous(memory_format=layout), data.train_y[idx], idx
         return stream(), gen
 
-    def test_accuracy() -> dict:  # every epoch: PGD on the first eval_subset test images
-        k = min(cfg.eval_subset, len(data.test_y))
-        acc = evaluate(s.model, data.test_x[:k], data.test_y[:k], eps=cfg.eps_test,
-                       steps=cfg.attack_steps, step_size=cfg.eval_step_size,
-                       batch_size=cfg.eval_batch, distributed=True)
-        return {"test_clean": acc["clean"], "test_pgd": acc["robust"]}
-    rows, history = train_loop(cfg, s, out, totals, batches, math.ceil(n / bs),
-                               math.ceil(bs / d.world), log,
-                               epoch_eval=test_accuracy if cfg.eval_subset else None)
-    return finish(cfg, s, data, out, rows, history, log)
+    k = min(cfg.eval_subset, len(data.test_y))
+    checks = {"val": (data.val_x, data.val_y), "test": (data.test_x[:k], data.test_y[:k])}
+
+    def accuracies() -> dict:  # every epoch: PGD on the held-out images and the first k test ones
+        row = {}
+        for name, (x, y) in checks.items():
+            if x is not None and len(y):
+                acc = evaluate(s.model, x, y, eps=cfg.eps_test, steps=cfg.attack_steps,
+                               step_size=cfg.eval_step_size, batch_size=cfg.eval_batch,
+                               distributed=True)
+                row.update({f"{name}_clean": acc["clean"], f"{name}_pgd": acc["robust"]})
+        return row
+    rows, _ = train_loop(cfg, s, out, totals, batches, math.ceil(n / bs),
+                         math.ceil(bs / d.world), log, epoch_eval=accuracies)
+    return finish(cfg, s, data, out, rows, log)
 
 def use_threads(cfg: Config, ckpt: Optional[dict], log) -> Config:
     """torch's CPU threads (iaat_run.set_threads): --threads, else a resumed run's count (the
@@ -884,7 +895,7 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
                     if d.main:
                         save_checkpoint(ckpt_path, cfg, s, dict(totals, time=time.time() - t0), gen)
                     if stop:
-                        raise SystemExit(_stopped(s, out, log))
+                        raise SystemExit(stopped(s.epoch, s.step, out, log))
             bar.close()
             totals = finite_totals(sums, s, ckpt_path)
             if not lr_per_step:
@@ -898,7 +909,7 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
             log(format_row(rows[-1], cfg))
             history = _save_epoch(cfg, s, out, rows, history) if d.main else history
             if any_process(sigterm.requested, device):
-                raise SystemExit(_stopped(s, out, log))
+                raise SystemExit(stopped(s.epoch, s.step, out, log))
     return rows, history
 
 def _open_folder(cfg: Config, s: TrainState, out: Path, log, history_dtype) -> tuple:
@@ -923,18 +934,13 @@ def _save_epoch(cfg: Config, s: TrainState, out: Path, rows: list, history) -> n
     history = np.concatenate([history, s.mem.cpu().numpy()[None].astype(history.dtype)])
     write_eps_history(out / "eps_history.npy", history)
     write_metrics(out / "metrics.jsonl", rows)
+    if "val_pgd" in rows[-1] and rows[-1] is max(rows, key=lambda r: r["val_pgd"]):  # first best
+        save_checkpoint(out / "best.pt", cfg, s, {})  # before checkpoint.pt: a resume redoes it
     save_checkpoint(out / "checkpoint.pt", cfg, s, {})
     if s.epoch == cfg.epochs or (cfg.plot_every and s.epoch % cfg.plot_every == 0):
-        plot_run(out, rows, history, cfg.warmup)
+        import iaat_eval  # curves.png, eps_hist.png, eps_mean.png: matplotlib, beside this file
+        iaat_eval.plot_run(out, rows, history, cfg.warmup)
     return history
-
-def _stopped(s: TrainState, out: Path, log) -> int:
-    """After SIGTERM: nobody exits before rank 0's checkpoint is on disk."""
-    if current_dist().world > 1:
-        torch.distributed.barrier()
-    log(f"SIGTERM: checkpoint saved at epoch {s.epoch} step {s.step} in {out}; rerun the same "
-        "command to resume")
-    return 143
 
 def finite_totals(sums: dict, s: TrainState, ckpt_path: Path) -> dict:
     """The epoch's sums over all processes; IAATError before a non-finite loss or weight reaches
@@ -961,14 +967,10 @@ def epoch_row(s: TrainState, sums: dict, seconds: float, epoch_eval=None) -> dic
 def format_row(r: dict, cfg: Config) -> str:
     s = (f"epoch {r['epoch']:3d}/{cfg.epochs} | loss {r['train_loss']:.3f} | train acc "
          f"{r['train_acc']:.3f} | eps {r['eps_mean'] * PIXEL:5.1f}/255")
-    if "test_clean" in r:
-        s += f" | test clean {r['test_clean']:.3f} PGD-{cfg.attack_steps} {r['test_pgd']:.3f}"
+    s += "".join(f" | {k} clean {r[k + '_clean']:.3f} PGD-{cfg.attack_steps} {r[k + '_pgd']:.3f}"
+                 for k in ("val", "test") if k + "_clean" in r)
     return s + f" | {r['seconds']:.1f}s"
 
-def plot_run(out: Path, rows: list, history: np.ndarray, warmup: int = 0) -> None:
-    """curves.png, eps_hist.png and eps_mean.png (drawn by iaat_eval, with matplotlib)."""
-    import iaat_eval
-    iaat_eval.plot_run(out, rows, history, warmup)
 
 # ===== The end-of-training evaluation: natural and PGD accuracy on the test set =============
 
@@ -997,13 +999,14 @@ def same_state(s: TrainState) -> tuple:
     return agreement({"eps memories": [s.mem],
                       "models (weights and BN statistics)": s.model.state_dict().values()})
 
-def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, history, log) -> dict:
+def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, log) -> dict:
     """Natural and PGD-20 accuracy on the whole test set at eps_test, summary.json and a line;
     checks that every process ended with the same eps memory and model, and that every image
     was selected once per epoch after warmup."""
     acc = evaluate(s.model, data.test_x, data.test_y, eps=cfg.eps_test, steps=cfg.eval_steps,
                    step_size=cfg.eval_step_size, batch_size=cfg.eval_batch, distributed=True)
     mems, models = same_state(s)
+    best = max(rows, key=lambda r: r["val_pgd"]) if rows and "val_pgd" in rows[0] else {}
     expected = max(0, rows[-1]["epoch"] - cfg.warmup) if cfg.method == "iaat" and rows else 0
     if rows and not bool((s.visits == expected).all()):
         raise IAATError(f"some images were not selected exactly once per epoch after warmup "
@@ -1017,10 +1020,10 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, histor
                "eps_updates_per_sample": [int(s.visits.min()), int(s.visits.max())],
                "processes": current_dist().world, "threads": cfg.threads,
                "eps_memory_sha1_per_process": mems, "model_sha1_per_process": models,
-               "train_seconds": round(sum(r["seconds"] for r in rows), 1)}
+               "train_seconds": round(sum(r["seconds"] for r in rows), 1),
+               "best_epoch": best.get("epoch"), "best_val_pgd": best.get("val_pgd")}
     if current_dist().main:
         write_json(out / "summary.json", summary)
-        plot_run(out, rows, history, cfg.warmup)
     log(f"final {cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}: natural "
         f"{acc['clean']:.4f} | PGD-{cfg.eval_steps} at {cfg.eps_test * PIXEL:g}/255 "
         f"{acc['robust']:.4f} | mean eps {summary['eps_mean_255'] or 0:.1f}/255 | "

@@ -395,9 +395,18 @@ QUICK_PARTS = {"apgd", "transfer", "corruptions"}
 DATASET_SHAPES = {"digits": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100)}
 
 
-def run_config(run: Path) -> tuple[Config, dict]:
-    """The Config a run folder was trained with, and its checkpoint (checked, weights_only)."""
-    path = run / "checkpoint.pt"
+CHECKPOINTS = {"last": "checkpoint.pt", "best": "best.pt"}  # best: iaat.py --val-size
+
+
+def run_config(run: Path, checkpoint: str = "last") -> tuple[Config, dict]:
+    """The Config a run folder was trained with, and its last checkpoint or (`checkpoint`
+    "best") the one with the best held-out PGD accuracy; checked, read with weights_only."""
+    if checkpoint not in CHECKPOINTS:
+        raise IAATError(f"checkpoint must be best or last, not {checkpoint!r}")
+    path = run / CHECKPOINTS[checkpoint]
+    if checkpoint == "best" and not path.is_file() and (run / "checkpoint.pt").is_file():
+        raise IAATError(f"{path} not found: only runs trained with --val-size N keep a best "
+                        "checkpoint; evaluate the last one (--checkpoint last)")
     if not path.is_file():
         raise IAATError(f"{path} not found; give the folder of a run trained by iaat.py")
     ckpt = read_checkpoint(path)
@@ -419,16 +428,17 @@ def load_model(run: Path, device, cfg: Config, ckpt: dict) -> nn.Module:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
-        raise IAATError(f"checkpoint {run / 'checkpoint.pt'} does not fit model {cfg.model}: "
+        raise IAATError(f"the checkpoint in {run} does not fit model {cfg.model}: "
                         f"{str(err).splitlines()[0]}") from None
     return model.to(device).eval()
 
 
-def load_run(run, device="cpu", data_root: Optional[str] = None) -> tuple:
+def load_run(run, device="cpu", data_root: Optional[str] = None,
+             checkpoint: str = "last") -> tuple:
     """(model in eval mode, Config, Data, checkpoint epoch) of a run folder, in one call; CIFAR
-    is read from `data_root` (default: where the run read it)."""
+    is read from `data_root` (default: where the run read it); `checkpoint`: last or best."""
     run, device = Path(run), torch.device(device)
-    cfg, ckpt = run_config(run)
+    cfg, ckpt = run_config(run, checkpoint)
     data_cfg = dataclasses.replace(cfg, data_root=data_root) if data_root else cfg
     return load_model(run, device, cfg, ckpt), cfg, load_data(data_cfg, device), ckpt["epoch"]
 
@@ -850,18 +860,20 @@ def eval_settings(dataset: str, *, preset: Optional[str] = None, parts=None, eps
     return ev
 
 
-def evaluate_run(run, *, surrogate=None, corruptions=None, name: str = "eval",
-                 device: str = "auto", data_root: Optional[str] = None,
+def evaluate_run(run, *, surrogate=None, corruptions=None, name: Optional[str] = None,
+                 checkpoint: str = "last", device: str = "auto", data_root: Optional[str] = None,
                  download: Optional[bool] = None, **settings) -> dict:
-    """The evaluation of a run folder, as `iaat eval RUN`: load its checkpoint, run every part
+    """The evaluation of a run folder, as `iaat eval RUN`: load its last checkpoint (or with
+    checkpoint="best", --val-size's best on the held-out images), run every part
     (eval_settings: parts, eps, step_size, whitebox, transfer, eps_sweep, sweep_attack,
     steps_sweep, targeted, n_examples, seed, batch_size, preset; radii in [0,1]), print the
-    table and write <run>/<name>.json (rewritten after every part, with "complete": false
-    until the end), .md and the sweep plots. Returns the results."""
+    table and write <run>/<name>.json (default name: eval, or eval_best; rewritten after every
+    part, with "complete": false until the end), .md and the sweep plots. Returns the results."""
     run = Path(run)
     surrogate = Path(surrogate) if surrogate is not None else None
     corruptions = Path(corruptions) if corruptions is not None else None
-    cfg, ckpt = run_config(run)
+    cfg, ckpt = run_config(run, checkpoint)
+    name = name or ("eval" if checkpoint == "last" else "eval_best")
     ev = eval_settings(cfg.dataset, surrogate=surrogate, corruptions=corruptions, **settings)
     if surrogate is not None and surrogate.resolve() == run.resolve():
         raise IAATError("--surrogate must be another run (an independently trained copy)")
@@ -883,11 +895,13 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: str = "eval",
     if ev["targeted"] == "random":  # drawn for the whole test set on the CPU: the same targets
         target = random_targets(data.test_y.cpu(), data.num_classes,  # on any device and subset
                                 torch.Generator().manual_seed(ev["seed"])).to(device)[idx]
-    if ckpt["epoch"] < cfg.epochs:
+    if ckpt["epoch"] < cfg.epochs and checkpoint == "last":
         print(f"iaat eval: note: {run} holds epoch {ckpt['epoch']} of {cfg.epochs}",
               file=sys.stderr)
-    head = {"label": f"{cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}",
-            "run": str(run), "checkpoint_epoch": ckpt["epoch"], "epochs": cfg.epochs,
+    which = "" if checkpoint == "last" else f" (best: epoch {ckpt['epoch']})"
+    head = {"label": f"{cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}{which}",
+            "run": str(run), "checkpoint": checkpoint, "checkpoint_epoch": ckpt["epoch"],
+            "epochs": cfg.epochs,
             "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method, "seed": cfg.seed,
             "eps_255": ev["eps"] * PIXEL, "step_size_255": ev["step_size"] * PIXEL,
             "targeted": ev["targeted"], "n_examples": len(idx), "eval_seed": ev["seed"],
@@ -901,7 +915,8 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: str = "eval",
                          progress=lambda part: write_json(json_path, {**head, **part,
                                                                       "complete": False}))
     res = {**head, **res, "complete": True}
-    text = (f"Evaluation of {run} at eps {ev['eps'] * PIXEL:g}/255, step "
+    text = (f"Evaluation of {run} ({checkpoint} checkpoint, epoch {ckpt['epoch']} of "
+            f"{cfg.epochs}) at eps {ev['eps'] * PIXEL:g}/255, step "
             f"{ev['step_size'] * PIXEL:g}/255, {len(idx)} test images, seed {ev['seed']}"
             f"{', random-targeted white-box PGD' if target is not None else ''} (accuracy, %):\n\n"
             + eval_table([res]) + "\n\n" + "\n\n".join(filter(None, (
@@ -985,7 +1000,11 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-examples", type=int, help="evaluate a subset of the test set, drawn with --seed")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset, targets and attack starts")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--name", default="eval", help="stem of the output files (default: eval)")
+    p.add_argument("--checkpoint", choices=tuple(CHECKPOINTS), default="last",
+                   help="last (the paper's protocol) or best: the epoch with the best PGD accuracy "
+                        "on the held-out images of a run trained with --val-size")
+    p.add_argument("--name", help="stem of the output files (default: eval, eval_best for "
+                   "--checkpoint best)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores idle at the start)")
     p.add_argument("--data-root", help="where CIFAR is read from (default: the run's)")
@@ -1082,7 +1101,8 @@ def plot_run(out: Path, rows: list, history: np.ndarray, warmup: int = 0) -> Non
     ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(ep, [r["train_loss"] for r in rows])
     ax1.set(xlabel="epoch", ylabel="training loss", title="training loss (Alg 1 l.11)")
-    for key, label in [("train_acc", "train (on training inputs)"), ("test_clean", "test clean"),
+    for key, label in [("train_acc", "train (on training inputs)"), ("val_clean", "held-out clean"),
+                       ("val_pgd", "held-out PGD"), ("test_clean", "test clean"),
                        ("test_pgd", "test PGD (subset)")]:
         pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
         if pts:

@@ -2,8 +2,9 @@
 
 - torchrun's process group: join it, leave it together, this process's rank, collectives;
 - the run folder's files: writes that survive a kill at any moment, the lock that keeps two
-  trainings out of one folder, the metrics and eps-history files;
-- the SIGTERM flag the training loop polls;
+  trainings out of one folder, the metrics and eps-history files, checkpoints read back
+  (weights_only) and checked;
+- the SIGTERM flag the training loop polls, and the exit after it;
 - how many CPU threads torch uses (the cores idle at the start).
 """
 from __future__ import annotations
@@ -244,6 +245,24 @@ def write_eps_history(path: Path, history: np.ndarray) -> None:
     atomic_write(path, save)
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint read with weights_only=True and checked field by field; IAATError if not."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or holding arbitrary objects
+        raise IAATError(f"checkpoint {path} is unreadable ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    fields = {"config": dict, "device": str, "epoch": int, "step": int, "totals": dict,
+              "model": dict, "optimizer": dict, "scheduler": dict, "eps_memory": torch.Tensor,
+              "eps_visits": torch.Tensor, "rng": dict}
+    bad = [k for k, kind in fields.items() if not isinstance(ckpt.get(k), kind)] \
+        if isinstance(ckpt, dict) else ["all"]
+    if bad or ckpt.get("format") != 1:
+        raise IAATError(f"checkpoint {path} is not a complete iaat checkpoint (missing "
+                        f"{', '.join(bad) or 'format 1'})")
+    return ckpt
+
+
 # ===== SIGTERM ===============================================================================
 
 class StopFlag:
@@ -263,6 +282,15 @@ def sigterm_flag():
     finally:
         if handler is not None:
             signal.signal(signal.SIGTERM, handler)
+
+
+def stopped(epoch: int, step: int, out: Path, log: Callable[[str], None]) -> int:
+    """After SIGTERM: nobody exits before rank 0's checkpoint is on disk; the exit code."""
+    if current_dist().world > 1:
+        tdist.barrier()
+    log(f"SIGTERM: checkpoint saved at epoch {epoch} step {step} in {out}; rerun the same "
+        "command to resume")
+    return 143
 
 
 # ===== CPU threads ===========================================================================

@@ -82,8 +82,8 @@ class ImageNetConfig(iaat.Config):
 
 
 # iaat.Config fields that ImageNet does not use: no flag for them
-UNUSED = ("dataset", "split_seed", "n_train", "label_noise", "data_root", "download", "eps_test",
-          "eval_subset", "threads")
+UNUSED = ("dataset", "split_seed", "n_train", "label_noise", "val_size", "data_root", "download",
+          "eps_test", "eval_subset", "threads")
 
 
 def imagenet_config(**settings) -> ImageNetConfig:
