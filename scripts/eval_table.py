@@ -15,10 +15,12 @@ from iaat_eval import table_cells
 
 
 def by_setting(results: list) -> dict:
-    """Results grouped by dataset, model, method, test eps and number of examples."""
+    """Results grouped by dataset, model, method (and checkpoint: best or last), test eps and
+    number of examples."""
     groups = defaultdict(list)
     for r in results:
-        groups[(r["dataset"], r["model"], r["method"], r["eps_255"], r["n_examples"])].append(r)
+        method = r["method"] + (" (best)" if r.get("checkpoint") == "best" else "")
+        groups[(r["dataset"], r["model"], method, r["eps_255"], r["n_examples"])].append(r)
     return groups
 
 
