@@ -299,7 +299,8 @@ def autoattack_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *,
                 clean = ok.float().mean().item()
                 for stage in stages:
                     t0 = time.time()
-                    for i in ok.nonzero().flatten().split(batch_size):
+                    left = ok.nonzero().flatten()  # none left: no batch, as in the reference
+                    for i in left.split(batch_size) if len(left) else ():
                         x = to_float(x_u8[i])
                         x_adv = _autoattack_stage(aa, stage, x, y[i])
                         fooled = model(x_adv).argmax(1) != y[i]

@@ -212,3 +212,19 @@ def test_the_apgd_part_is_a_quick_look_never_called_autoattack(runs, capsys):
     assert "| APGD-CE | APGD-CE+T | worst case | flags |" in out and "AutoAttack |" not in out
     old = {"label": "old", "natural": 0.9, "autoattack": 0.5}
     assert "| AutoAttack (torchattacks, 10 iterations) |" in iaat_eval.eval_table([old])
+
+
+def test_images_all_broken_leave_later_stages_nothing_to_attack():
+    """A model wrong on every image (and so on every one left after a stage) runs no attack
+    batch at all, as the reference does, instead of failing on an empty one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    nn.init.zeros_(model[1].weight)
+    with torch.no_grad():
+        model[1].bias.copy_(torch.arange(10.0))  # always class 9
+    x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    y = torch.zeros(6, dtype=torch.long)
+    info = {}
+    rows = iaat_eval.autoattack_correct(model, x, y, eps=0.1, info=info)
+    assert rows.shape == (4, 6) and not rows.any()
+    assert info["max_linf_255"] == 0.0  # nothing was attacked

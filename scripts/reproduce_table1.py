@@ -1,0 +1,247 @@
+"""The paper's Table 1 (CIFAR-10) or Table 2 (CIFAR-100) with one command, on one GPU.
+
+    bash scripts/reproduce_table1.sh cifar10 resnet18            # Table 1, ResNet-18 rows
+    bash scripts/reproduce_table1.sh cifar10 wrn32-10 --corruptions data/CIFAR-10-C
+    bash scripts/reproduce_table1.sh cifar100 resnet18 --estimate   # the expected time only
+
+1. Train clean, PGD-AT and IAAT with the paper's settings (the iaat.py presets, Table 10),
+   seeds 0 and 1. Seed 1 is the independently trained copy whose attacks transfer to seed 0.
+2. Evaluate each seed-0 run on the whole test set: natural, PGD-10x5, PGD-100x5, PGD-1000x2,
+   the transfer PGD-1000x2 from seed 1, standard AutoAttack, and with --corruptions the
+   CIFAR-10-C accuracy (`iaat.py eval`, the paper preset).
+3. Print the table beside the paper's numbers and write it to OUT/table-DATASET-MODEL.md.
+
+Rerunning the command skips what is done: a finished run (its summary.json with these
+settings), a complete evaluation (eval.json); a run or evaluation cut short resumes or
+restarts. Everything runs in this one process, one stage after another; each stage prints
+the `python iaat.py ...` command it stands for.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import iaat  # noqa: E402
+import iaat_eval  # noqa: E402
+
+METHODS = ("clean", "at", "iaat")
+SEEDS = (0, 1)  # seed 1: the transfer attack's source
+PAPER_COLUMNS = ("natural", "PGD-10x5", "PGD-100x5", "PGD-1000x2", "transfer", "corruptions")
+# Tables 1 and 2 of the paper (accuracy, %) in PAPER_COLUMNS: the transfer attack is PGD-1000x2,
+# the corruptions are CIFAR-10-C (Table 1 only); the paper has no AutoAttack column
+PAPER = {
+    ("cifar10", "resnet18"): {"clean": (94.21, 0.02, 0.00, 0.00, 3.03, 72.71),
+                              "at": (83.20, 43.79, 42.30, 42.36, 59.80, 73.73),
+                              "iaat": (87.26, 43.08, 41.16, 41.16, 59.87, 78.82)},
+    ("cifar10", "wrn32-10"): {"clean": (95.50, 0.05, 0.00, 0.00, 5.02, 78.35),
+                              "at": (86.85, 46.86, 44.82, 44.84, 62.77, 77.99),
+                              "iaat": (91.34, 48.53, 46.50, 46.54, 58.20, 83.13)},
+    ("cifar100", "resnet18"): {"clean": (74.88, 0.02, 0.00, 0.01, 1.81, None),
+                               "at": (55.11, 20.69, 19.68, 19.91, 35.57, None),
+                               "iaat": (63.90, 18.50, 17.10, 17.11, 35.74, None)},
+    ("cifar100", "wrn32-10"): {"clean": (79.91, 0.01, 0.00, 0.00, 1.20, None),
+                               "at": (59.58, 26.24, 25.47, 25.49, 38.10, None),
+                               "iaat": (68.80, 26.17, 24.22, 24.36, 35.18, None)},
+}
+NAMES = {"clean": "Clean", "at": "PGD-AT", "iaat": "IAAT"}
+
+# ---- the expected GPU time ------------------------------------------------------------------
+# Forward-equivalents per image (a backward counts as two forwards with weight gradients, one
+# without, as in benchmarks/bench.py): a clean step 3; a PGD-10 AT step 10 x 2 + 3 = 23. IAAT
+# adds Alg 2's selection attacks: 1.57-1.76x PGD-AT's epoch time in benchmarks/bench.py (CPU,
+# digits), so 1.7x. Evaluation per test image: PGD-10x5 100, PGD-100x5 1,000, PGD-1000x2 4,000,
+# the transfer attack 4,000 on the surrogate, AutoAttack about 4,700 (iaat_eval's estimate).
+PASSES = {"clean": 3, "at": 23, "iaat": 23 * 1.7}
+EVAL_PASSES = 100 + 1_000 + 4_000 + 4_000 + 4_700
+H100_TF32 = 495e12  # dense TF32 FLOP/s (fp32 convolutions run as TF32 in torch by default)
+# assumed share of that peak: small 32x32 convolutions at batch 128 use little of a big GPU
+# (CIFAR ResNet-18 training in fp32 commonly runs at 5-20% of the peak); low, central, high
+UTILISATION = (0.05, 0.10, 0.20)
+
+
+def forward_flops(model: str, dataset: str) -> float:
+    """FLOPs of one forward pass of one 32x32 image, counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    classes = 100 if dataset == "cifar100" else 10
+    net = iaat.build_model(model, classes, (0.5,) * 3, (0.25,) * 3).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.zeros(1, 3, 32, 32))
+    return float(counter.get_total_flops())
+
+
+def measured_images_per_second(model: str) -> dict:
+    """Training images/s on a GPU measured by benchmarks/gpu_check.sh (fp32, PreAct ResNet-18
+    only), where its result file exists: {"iaat": .., "at": ..}; else {}."""
+    path = ROOT / "benchmarks" / "results" / "gpu_check-cuda.json"
+    if model != "resnet18" or not path.is_file():
+        return {}
+    bench = json.loads(path.read_text())["parts"].get("bench", {})
+    ips = bench.get("none", {}).get("images_per_second", {})
+    return {k: ips[v] for k, v in (("iaat", "iaat"), ("at", "pgd_at")) if v in ips}
+
+
+def time_estimate(dataset: str, model: str, cfg: iaat.Config,
+                  n_test: int = 10_000) -> tuple[float, str]:
+    """(central estimate in hours, the explanation) for all of this script's stages."""
+    flops, n_train = forward_flops(model, dataset), cfg.n_train or 50_000
+    measured = measured_images_per_second(model)
+    train_s, how = 0.0, []
+    for method in METHODS:
+        images = n_train * cfg.epochs * len(SEEDS)
+        if method in measured:
+            train_s += images / measured[method]
+            how.append(f"{NAMES[method]} training: measured {measured[method]:.0f} images/s "
+                       "(benchmarks/results/gpu_check-cuda.json)")
+        else:
+            train_s += images * PASSES[method] * flops / (UTILISATION[1] * H100_TF32)
+    eval_s = len(METHODS) * n_test * EVAL_PASSES * flops / (UTILISATION[1] * H100_TF32)
+    total = (train_s + eval_s) / 3600
+    lo, hi = (total * UTILISATION[1] / u for u in (UTILISATION[2], UTILISATION[0]))
+    text = (f"Expected time on one H100: about {total:.0f} h ({train_s / 3600:.0f} h training "
+            f"6 runs of {cfg.epochs} epochs, {eval_s / 3600:.1f} h evaluating 3), "
+            f"{lo:.0f}-{hi:.0f} h at {UTILISATION[2]:.0%}-{UTILISATION[0]:.0%} of the peak.\n"
+            + "".join(f"  {line}.\n" for line in how)
+            + f"  {'The rest is' if how else 'This is'} an ESTIMATE, not a measurement: "
+            f"{flops / 1e9:.2f} GFLOP per {model} forward (torch's FlopCounterMode), attacks "
+            f"counted in forward-equivalents, at an assumed {UTILISATION[1]:.0%} of the H100's "
+            f"{H100_TF32 / 1e12:.0f} TF32 TFLOP/s.\n  `bash benchmarks/gpu_check.sh` measures "
+            "the training throughput. An A100 (156 TF32 TFLOP/s) takes about 3x as long.")
+    return total, text
+
+
+# ---- the stages -----------------------------------------------------------------------------
+
+def run_dir(out: Path, dataset: str, model: str, method: str, seed: int) -> Path:
+    return out / f"{dataset}-{model}-{method}-seed{seed}"
+
+
+def train_argv(args, method: str, seed: int) -> list:
+    return ["--dataset", args.dataset, "--model", args.model, "--method", method, "--seed",
+            str(seed), "--out", str(run_dir(args.out, args.dataset, args.model, method, seed)),
+            *args.train_flags]
+
+
+def finished(argv: list) -> bool:
+    """Whether the run of `python iaat.py ARGV` finished with exactly these settings."""
+    try:
+        iaat_eval.train_or_load(iaat.config_from_args(argv), train_missing=False)
+        return True
+    except iaat.IAATError:
+        return False
+
+
+def eval_argv(args, method: str) -> list:
+    run = run_dir(args.out, args.dataset, args.model, method, 0)
+    surrogate = run_dir(args.out, args.dataset, args.model, method, 1)
+    parts = "whitebox,transfer,autoattack" + (",corruptions" if args.corruptions else "")
+    extra = ["--corruptions", str(args.corruptions)] if args.corruptions else []
+    return ["eval", str(run), "--surrogate", str(surrogate), "--parts", parts, *extra,
+            *args.eval_flags]
+
+
+def complete(path: Path) -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
+def stage(argv: list, done: bool, log) -> None:
+    """`python iaat.py ARGV`, in this process, unless `done`; SystemExit if it fails."""
+    command = "python iaat.py " + shlex.join(argv)
+    if done:
+        log(f"done already: {command}")
+        return
+    log(f"running: {command}")
+    t0 = time.time()
+    code = iaat.main(argv)
+    if code != 0:
+        raise SystemExit(f"reproduce_table1: error: `{command}` failed (exit {code}); fix the "
+                         "cause and rerun the same command to resume")
+    log(f"finished in {time.time() - t0:.0f} s: {command}")
+
+
+# ---- the table ------------------------------------------------------------------------------
+
+def ours(res: dict) -> dict:
+    """The Table 1 columns of an eval.json, in %."""
+    row = {"natural": res["natural"], "transfer": res.get("transfer"),
+           "corruptions": (res.get("corruptions") or {}).get("mean"),
+           "AutoAttack": res.get("autoattack"), "worst case": res.get("worst_case"),
+           **res.get("whitebox", {})}
+    return {k: None if v is None else 100 * v for k, v in row.items()}
+
+
+def table(dataset: str, model: str, results: dict) -> str:
+    """Markdown: our row and the paper's per method; '-' where a column was not measured."""
+    paper = PAPER.get((dataset, model), {})
+    whitebox = dict.fromkeys(k for r in results.values() for k in r.get("whitebox", {}))
+    columns = ("natural", *(whitebox or PAPER_COLUMNS[1:4]), "transfer", "corruptions",
+               "AutoAttack", "worst case")
+    lines = ["| method | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
+    for method in METHODS:
+        for who, row in (("ours", ours(results[method]) if method in results else {}),
+                         ("paper", dict(zip(PAPER_COLUMNS, paper.get(method, ()))))):
+            if who == "paper" and not paper:
+                continue
+            cells = ["-" if row.get(c) is None else f"{row[c]:.2f}" for c in columns]
+            lines.append(f"| {NAMES[method]} ({who}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="reproduce_table1", description=__doc__.split("\n\n")[0])
+    p.add_argument("dataset", choices=("cifar10", "cifar100"))
+    p.add_argument("model", choices=("resnet18", "wrn32-10", "smallcnn"),
+                   help="the paper's networks (smallcnn: a quick try; the paper has no row)")
+    p.add_argument("--out", type=Path, default=Path("runs/table1"), help="where the runs go")
+    p.add_argument("--corruptions", type=Path, help="CIFAR-10-C (or -100-C) folder: adds the "
+                   "corruption column")
+    p.add_argument("--train-flags", type=shlex.split, default=[],
+                   help="more iaat.py flags for every run, e.g. \"--data-root /data\"")
+    p.add_argument("--eval-flags", type=shlex.split, default=[],
+                   help="more `iaat.py eval` flags, e.g. \"--batch-size 1000\"")
+    p.add_argument("--estimate", action="store_true", help="print the expected time and stop")
+    return p.parse_args(argv)
+
+
+def main(argv=None, log=print) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = iaat.config_from_args(train_argv(args, "iaat", 0))
+    except iaat.IAATError as err:
+        print(f"reproduce_table1: error: {err}", file=sys.stderr)
+        return 1
+    log(time_estimate(args.dataset, args.model, cfg)[1])
+    if args.estimate:
+        return 0
+    for method in METHODS:
+        for seed in SEEDS:
+            argv = train_argv(args, method, seed)
+            stage(argv, finished(argv), log)
+    results = {}
+    for method in METHODS:
+        argv = eval_argv(args, method)
+        path = Path(argv[1]) / "eval.json"
+        stage(argv, complete(path), log)
+        results[method] = json.loads(path.read_text())
+    text = (f"{args.dataset} {args.model}: ours (seed 0; transfer from seed 1) and the paper's "
+            f"Table {1 if args.dataset == 'cifar10' else 2}, accuracy in % at eps 8/255\n\n"
+            + table(args.dataset, args.model, results) + "\n")
+    log("\n" + text)
+    path = args.out / f"table-{args.dataset}-{args.model}.md"
+    iaat.atomic_write(path, lambda p: p.write_text(text))
+    log(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

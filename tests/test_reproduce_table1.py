@@ -1,0 +1,88 @@
+"""scripts/reproduce_table1.sh end to end on CPU: tiny runs on small files in CIFAR's format."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, write_fake_cifar
+
+spec = importlib.util.spec_from_file_location("reproduce_table1",
+                                              ROOT / "scripts" / "reproduce_table1.py")
+reproduce = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reproduce)
+
+TINY_TRAINING = ("--no-download --epochs 2 --warmup 1 --n-train 40 --batch-size 20 "
+                 "--attack-steps 2 --eval-subset 0 --eval-steps 2")
+TINY_EVAL = "--n-examples 10 --whitebox 2x1 --transfer 2x1"
+
+
+def test_reproduce_table1_end_to_end_and_resumed(tmp_path, no_md5):
+    write_fake_cifar(tmp_path / "data", "cifar10", n_train=40, n_test=20)
+    argv = ["cifar10", "smallcnn", "--out", str(tmp_path / "runs"), "--train-flags",
+            f"--data-root {tmp_path / 'data'} {TINY_TRAINING}", "--eval-flags", TINY_EVAL]
+    lines = []
+    assert reproduce.main(argv, log=lines.append) == 0
+    assert "ESTIMATE" in lines[0]
+    runs = {(m, s): tmp_path / "runs" / f"cifar10-smallcnn-{m}-seed{s}"
+            for m in ("clean", "at", "iaat") for s in (0, 1)}
+    for run in runs.values():
+        assert json.loads((run / "summary.json").read_text())["epochs"] == 2
+    for method in ("clean", "at", "iaat"):
+        res = json.loads((runs[method, 0] / "eval.json").read_text())
+        assert res["complete"] and res["surrogate"] == str(runs[method, 1])
+        assert set(res["autoattack_stages"]) == {"APGD-CE", "APGD-T", "FAB-T", "Square"}
+        assert res["autoattack"] <= res["whitebox"]["PGD-2x1"] <= res["natural"]
+    table = (tmp_path / "runs" / "table-cifar10-smallcnn.md").read_text()
+    assert table in "\n".join(lines)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "(ours)" in line]
+    assert [r.split(" |")[0] for r in rows] == ["| Clean (ours)", "| PGD-AT (ours)", "| IAAT (ours)"]
+    assert "PGD-2x1" in table and "AutoAttack" in table
+
+    # a second call does nothing again; a missing evaluation is redone, nothing else
+    checkpoint = runs["iaat", 1] / "checkpoint.pt"
+    mtime = checkpoint.stat().st_mtime_ns
+    (runs["at", 0] / "eval.json").unlink()
+    lines.clear()
+    assert reproduce.main(argv, log=lines.append) == 0
+    assert sum(line.startswith("done already") for line in lines) == 8
+    assert [line for line in lines if line.startswith("running")] == [
+        next(line for line in lines if line.startswith("running") and "eval" in line)]
+    assert str(runs["at", 0]) in next(line for line in lines if line.startswith("running"))
+    assert checkpoint.stat().st_mtime_ns == mtime
+    assert (tmp_path / "runs" / "table-cifar10-smallcnn.md").read_text() == table
+
+
+def test_the_table_sits_beside_the_papers_numbers():
+    res = {"natural": 0.87, "whitebox": {"PGD-10x5": 0.43, "PGD-100x5": 0.42, "PGD-1000x2": 0.41},
+           "transfer": 0.6, "autoattack": 0.39, "worst_case": 0.385}
+    table = reproduce.table("cifar10", "resnet18", {"iaat": res})
+    assert "| IAAT (ours) | 87.00 | 43.00 | 42.00 | 41.00 | 60.00 | - | 39.00 | 38.50 |" in table
+    assert "| IAAT (paper) | 87.26 | 43.08 | 41.16 | 41.16 | 59.87 | 78.82 | - | - |" in table
+    assert "| PGD-AT (paper) | 83.20 | 43.79 | 42.30 | 42.36 | 59.80 | 73.73 | - | - |" in table
+    # CIFAR-100 (the paper's Table 2) has no corruption column
+    assert "| IAAT (paper) | 63.90 | 18.50 | 17.10 | 17.11 | 35.74 | - | - | - |" in \
+        reproduce.table("cifar100", "resnet18", {})
+
+
+def test_the_estimate_says_it_is_one_and_scales_with_the_work():
+    import iaat
+    cfg = iaat.make_config("cifar10", "resnet18")
+    hours, text = reproduce.time_estimate("cifar10", "resnet18", cfg)
+    assert "ESTIMATE, not a measurement" in text
+    assert reproduce.forward_flops("resnet18", "cifar10") == pytest.approx(1.11e9, rel=0.02)
+    longer, _ = reproduce.time_estimate("cifar10", "wrn32-10", iaat.make_config("cifar10", "wrn32-10"))
+    assert 5 < hours < 40 and longer > 5 * hours  # 12x the FLOPs per image, 110 epochs not 200
+
+
+def test_the_shell_command_prints_the_estimate():
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    script = str(ROOT / "scripts" / "reproduce_table1.sh")
+    r = subprocess.run(["bash", script, "cifar100", "resnet18", "--estimate"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "Expected time on one H100" in r.stdout, r.stderr
+    r = subprocess.run(["bash", script, "cifar10", "vgg"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
