@@ -1,6 +1,5 @@
 """Data: the digits split, batched augmentation, and the real torchvision CIFAR path, read from
 small files written in CIFAR's real on-disk format (pickled batches)."""
-
 import numpy as np
 import pytest
 import torch
