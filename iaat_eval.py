@@ -1026,8 +1026,9 @@ def shorten(cfg: iaat.Config, epochs: Optional[int]) -> iaat.Config:
 def command_line(cfg: iaat.Config, script: str = "iaat.py") -> str:
     """The `python iaat.py ...` command that trains `cfg`: its dataset, method and seed, and
     every setting that differs from the preset, in the CLI's units."""
-    words = ["python", script, "--dataset", cfg.dataset, "--method", cfg.method, "--seed",
-             str(cfg.seed)]
+    model = [] if cfg.model == iaat.make_config(cfg.dataset).model else ["--model", cfg.model]
+    words = ["python", script, "--dataset", cfg.dataset, *model, "--method", cfg.method,
+             "--seed", str(cfg.seed)]
     for name, value in iaat.preset_changes(cfg, skip={"dataset", "method", "seed"}):
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
@@ -1037,16 +1038,33 @@ def command_line(cfg: iaat.Config, script: str = "iaat.py") -> str:
     return " ".join(words)
 
 
-def notebook_configs(dataset: str = "digits", *, epochs: Optional[int] = None, seed: int = 0,
-                     runs_dir="runs", data_root: str = "data") -> Callable[..., Config]:
-    """The notebooks' shared set-up: config(**settings), the preset for `dataset` with these
-    settings and `seed`, shortened to `epochs` (`shorten`; None: the preset's schedule), in
-    `runs_dir` under the name `python iaat.py` gives it, so that runs made on the command line
-    (say, CIFAR on a GPU) are found there."""
+def notebook_configs(dataset: str = "digits", *, model: Optional[str] = None,
+                     epochs: Optional[int] = None, seed: int = 0, runs_dir="runs",
+                     data_root: str = "data") -> Callable[..., Config]:
+    """The notebooks' shared set-up: config(**settings), the preset for `dataset` and `model`
+    (None: the dataset's) with these settings and `seed`, shortened to `epochs` (`shorten`;
+    None: the preset's schedule), in `runs_dir` under the name `python iaat.py` gives it, so
+    that runs made on the command line (say, CIFAR on a GPU) are found there."""
     def config(**settings) -> Config:
-        cfg = shorten(iaat.make_config(dataset, seed=seed, data_root=data_root, **settings), epochs)
+        cfg = shorten(iaat.make_config(dataset, model, seed=seed, data_root=data_root,
+                                       **settings), epochs)
         return dataclasses.replace(cfg, out=str(Path(runs_dir) / iaat.run_dir(cfg).name))
     return config
+
+
+def findings(claims: dict, strict: bool = True) -> bool:
+    """A notebook's findings, {claim: whether it holds}. strict (the digits runs the notebooks
+    were written for): AssertionError naming the first claim that does not hold, else print
+    "all findings hold". Otherwise (other runs: CIFAR, another schedule) print each claim with
+    whether it holds on these runs. Returns whether all hold."""
+    failed = [claim for claim, holds in claims.items() if not holds]
+    if strict:
+        assert not failed, f"this finding does not hold: {failed[0]}"
+        print("all findings hold")
+    else:
+        for claim, holds in claims.items():
+            print(f"{'holds' if holds else 'does NOT hold'}: {claim}")
+    return not failed
 
 
 def train_or_load(cfg: iaat.Config, log: Optional[Callable[[str], None]] = None,

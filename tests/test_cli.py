@@ -156,15 +156,19 @@ def test_help_explains_units_and_sources():
     assert "presets (override any with its flag)" in text
 
 
-@pytest.mark.parametrize("overrides", [
-    dict(),
-    dict(method="at", eps_w=12.75 / 255, epochs=20, lr_milestones=(13, 17), out="runs/x"),
-    dict(warmup=0, line_search=True, download=False, eps_max=16 / 255, seed=3),
+@pytest.mark.parametrize("dataset,model,overrides", [
+    ("digits", None, dict()),
+    ("digits", None, dict(method="at", eps_w=12.75 / 255, epochs=20, lr_milestones=(13, 17),
+                          out="runs/x")),
+    ("digits", None, dict(warmup=0, line_search=True, download=False, eps_max=16 / 255, seed=3)),
+    ("cifar10", "wrn32-10", dict(epochs=6)),  # not the dataset's default network: --model
+    ("cifar100", "smallcnn", dict()),
 ])
-def test_command_line_rebuilds_the_config(overrides):
+def test_command_line_rebuilds_the_config(dataset, model, overrides):
     import iaat
     import iaat_eval
-    cfg = iaat.make_config("digits", **overrides)
+    cfg = iaat.make_config(dataset, model, **overrides)
     cmd = iaat_eval.command_line(cfg)
-    assert cmd.startswith("python iaat.py --dataset digits --method ")
+    assert cmd.startswith(f"python iaat.py --dataset {dataset} ")
+    assert ("--model" in cmd) == (model is not None)
     assert iaat.config_from_args(cmd.split()[2:]) == cfg
