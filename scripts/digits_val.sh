@@ -14,7 +14,7 @@ for seed in 0 1 2; do
     out="$prefix-$method-seed$seed"
     start=$(date +%s.%N)
     python iaat.py --method "$method" --seed "$seed" --val-size "${VAL:-200}" --out "$out" | tail -n 1
-    echo "wall time $(seconds "$start") s: $method seed $seed (resumed runs: the final evaluation only)"
+    echo "wall time $(seconds "$start") s: $method seed $seed"
     for which in best last; do
       file="$out/eval_$which.json"
       if ! python -c "import json, sys; sys.exit(not json.load(open('$file')).get('complete'))" 2>/dev/null; then
