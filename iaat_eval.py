@@ -1052,11 +1052,11 @@ def notebook_configs(dataset: str = "digits", *, model: Optional[str] = None,
     return config
 
 
-def findings(claims: dict, strict: bool = True) -> bool:
+def findings(claims: dict, strict: bool = True) -> None:
     """A notebook's findings, {claim: whether it holds}. strict (the digits runs the notebooks
     were written for): AssertionError naming the first claim that does not hold, else print
     "all findings hold". Otherwise (other runs: CIFAR, another schedule) print each claim with
-    whether it holds on these runs. Returns whether all hold."""
+    whether it holds on these runs."""
     failed = [claim for claim, holds in claims.items() if not holds]
     if strict:
         assert not failed, f"this finding does not hold: {failed[0]}"
@@ -1064,7 +1064,6 @@ def findings(claims: dict, strict: bool = True) -> bool:
     else:
         for claim, holds in claims.items():
             print(f"{'holds' if holds else 'does NOT hold'}: {claim}")
-    return not failed
 
 
 def train_or_load(cfg: iaat.Config, log: Optional[Callable[[str], None]] = None,

@@ -191,3 +191,15 @@ def test_notebook_renders_cifar_runs_made_from_its_printed_commands(path, tmp_pa
         assert "all steps check out" in text  # the algebra of the step holds for any run
     else:
         assert "holds: " in text and "all findings hold" not in text
+
+
+def test_findings_are_asserted_on_digits_and_reported_elsewhere(capsys):
+    import iaat_eval
+    claims = {"the radius follows the margin": True, "IAAT dominates": False}
+    with pytest.raises(AssertionError, match="does not hold: IAAT dominates"):
+        iaat_eval.findings(claims, strict=True)
+    assert iaat_eval.findings({"the radius follows the margin": True}, strict=True) is None
+    assert capsys.readouterr().out == "all findings hold\n"  # a notebook cell shows no value
+    iaat_eval.findings(claims, strict=False)
+    assert capsys.readouterr().out == ("holds: the radius follows the margin\n"
+                                       "does NOT hold: IAAT dominates\n")
