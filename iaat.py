@@ -971,7 +971,6 @@ def format_row(r: dict, cfg: Config) -> str:
                  for k in ("val", "test") if k + "_clean" in r)
     return s + f" | {r['seconds']:.1f}s"
 
-
 # ===== The end-of-training evaluation: natural and PGD accuracy on the test set =============
 
 def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
