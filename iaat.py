@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import importlib
 import math
+import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -36,10 +37,10 @@ import torch.nn.functional as F
 
 # the run machinery beside this file: process group, run folder files, SIGTERM, CPU threads
 from iaat_run import (TORCH_THREADS, CLIParser, Dist, IAATError, agreement, all_sum, any_process,
-                      atomic_write, claim_run_dir, current_dist, global_totals,
-                      local_rank_zero_first, pick_device, process_group, read_checkpoint,
-                      read_metrics, same_everywhere, set_threads, sigterm_flag, stopped,
-                      write_eps_history, write_json, write_metrics)
+                      atomic_write, changed_setting, claim_run_dir, config_dict, current_dist,
+                      global_totals, local_rank_zero_first, pick_device, process_group,
+                      read_checkpoint, read_metrics, same_everywhere, set_threads, sigterm_flag,
+                      stopped, write_eps_history, write_json, write_metrics)
 
 PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
 
@@ -285,14 +286,14 @@ def hold_out(data: Data, n: int, split_seed: int) -> Data:
     val_x, val_y (kept in their order): a validation set chosen without the test set."""
     from sklearn.model_selection import train_test_split
     try:
-        train, val = (np.sort(i) for i in train_test_split(
-            np.arange(len(data.train_y)), test_size=n, random_state=split_seed,
-            stratify=data.train_y.cpu().numpy()))
+        keep, held = train_test_split(np.arange(len(data.train_y)), test_size=n,
+                                      random_state=split_seed, stratify=data.train_y.cpu().numpy())
     except ValueError as err:  # n too small or too large for a stratified split
         raise IAATError(f"--val-size {n} cannot be held out of {len(data.train_y)} training "
                         f"images with every class in both parts: {err}") from None
-    return dataclasses.replace(data, train_x=data.train_x[train], train_y=data.train_y[train],
-                               val_x=data.train_x[val], val_y=data.train_y[val])
+    keep, held = np.sort(keep), np.sort(held)
+    return dataclasses.replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep],
+                               val_x=data.train_x[held], val_y=data.train_y[held])
 
 def to_float(x_u8: torch.Tensor) -> torch.Tensor:
     return x_u8.float().div_(255)
@@ -707,16 +708,13 @@ def sync_memory(mem: torch.Tensor, visits: torch.Tensor, idx: torch.Tensor, widt
 def sync_buffers(model: nn.Module) -> None:
     """Give every process rank 0's buffers (BatchNorm statistics): each process updated them
     on its own shard, and the evaluated and saved model must be one model."""
-    if current_dist().world > 1:
-        for b in model.buffers():
-            torch.distributed.broadcast(b, 0)
+    for b in model.buffers() if current_dist().world > 1 else ():
+        torch.distributed.broadcast(b, 0)
 
 # ===== Checkpoints and resume: weights_only loading, one folder per run ======================
 
-OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "eps_history.npy", "summary.json", "config.json")
-
-def config_dict(cfg: Config) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+OUTPUTS = ("checkpoint.pt", "best.pt", "metrics.jsonl", "eps_history.npy", "summary.json",
+           "config.json")
 
 def save_checkpoint(path: Path, cfg: Config, s: TrainState, totals: dict,
                     gen: Optional[torch.Generator] = None) -> None:
@@ -732,13 +730,6 @@ def save_checkpoint(path: Path, cfg: Config, s: TrainState, totals: dict,
             "scaler": s.scaler.state_dict(), "eps_memory": s.mem.cpu(),
             "eps_visits": s.visits.cpu(), "rng": {k: v for k, v in rng.items() if v is not None}}
     atomic_write(path, lambda p: torch.save(ckpt, p))
-
-def changed_setting(cfg: Config, saved: dict) -> Optional[str]:
-    """The first setting (not a runtime one) in which `cfg` differs from a saved config, or
-    None; a setting saved before it existed counts as its default."""
-    mine, fields = config_dict(cfg), type(cfg).__dataclass_fields__
-    return next((k for k in mine if k not in cfg.RUNTIME and
-                 mine[k] != saved.get(k, fields[k].default)), None)
 
 def open_run(out: Path, cfg: Config) -> Optional[dict]:
     """The run folder's checkpoint, checked against `cfg`, or None for a fresh run; IAATError
@@ -810,7 +801,8 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if 0 < n % bs < d.world:
         raise IAATError(f"the last batch of each epoch ({n % bs} images) cannot be shared by "
                         f"{d.world} processes; choose another --batch-size")
-    cfg = use_threads(cfg, ckpt, log)
+    saved = ckpt["config"].get("threads", TORCH_THREADS) if ckpt else None  # older runs: default
+    cfg = dataclasses.replace(cfg, threads=set_threads(cfg.threads, saved, log))
     torch.manual_seed(cfg.seed)
     s = make_state(build_model(cfg.model, data.num_classes, data.mean, data.std).to(device), cfg, n)
     totals = restore(ckpt, out / "checkpoint.pt", s) if ckpt is not None else {}
@@ -834,10 +826,10 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
                 yield x.contiguous(memory_format=layout), data.train_y[idx], idx
         return stream(), gen
 
-    k = min(cfg.eval_subset, len(data.test_y))
-    checks = {"val": (data.val_x, data.val_y), "test": (data.test_x[:k], data.test_y[:k])}
+    checks = {"val": (data.val_x, data.val_y),
+              "test": (data.test_x[:cfg.eval_subset], data.test_y[:cfg.eval_subset])}
 
-    def accuracies() -> dict:  # every epoch: PGD on the held-out images and the first k test ones
+    def accuracies() -> dict:  # every epoch: PGD on the held-out and the first eval_subset test images
         row = {}
         for name, (x, y) in checks.items():
             if x is not None and len(y):
@@ -849,12 +841,6 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     rows, _ = train_loop(cfg, s, out, totals, batches, math.ceil(n / bs),
                          math.ceil(bs / d.world), log, epoch_eval=accuracies)
     return finish(cfg, s, data, out, rows, log)
-
-def use_threads(cfg: Config, ckpt: Optional[dict], log) -> Config:
-    """torch's CPU threads (iaat_run.set_threads): --threads, else a resumed run's count (the
-    same count gives the same numbers; older runs: torch's default), else the idle cores."""
-    saved = ckpt["config"].get("threads", TORCH_THREADS) if ckpt else None
-    return dataclasses.replace(cfg, threads=set_threads(cfg.threads, saved, log))
 
 def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Callable,
                steps_per_epoch: int, shard_size: int, log: Callable[[str], None], *,
@@ -927,20 +913,32 @@ def _open_folder(cfg: Config, s: TrainState, out: Path, log, history_dtype) -> t
     lock = claim_run_dir(out, s.mem.device)
     if fresh and d.main:
         write_json(out / "config.json", config_dict(cfg))
-    return read_metrics(out / "metrics.jsonl", s.epoch), history, lock
+    rows = read_metrics(out / "metrics.jsonl", s.epoch)
+    if d.main and s.step == 0:  # at an epoch's end, a kill may have come before best.pt
+        keep_best(out, rows)
+    return rows, history, lock
 
 def _save_epoch(cfg: Config, s: TrainState, out: Path, rows: list, history) -> np.ndarray:
     """Rank 0, after each epoch: the eps history, the metrics, the checkpoint, the plots."""
     history = np.concatenate([history, s.mem.cpu().numpy()[None].astype(history.dtype)])
     write_eps_history(out / "eps_history.npy", history)
     write_metrics(out / "metrics.jsonl", rows)
-    if "val_pgd" in rows[-1] and rows[-1] is max(rows, key=lambda r: r["val_pgd"]):  # first best
-        save_checkpoint(out / "best.pt", cfg, s, {})  # before checkpoint.pt: a resume redoes it
-    save_checkpoint(out / "checkpoint.pt", cfg, s, {})
     if s.epoch == cfg.epochs or (cfg.plot_every and s.epoch % cfg.plot_every == 0):
         import iaat_eval  # curves.png, eps_hist.png, eps_mean.png: matplotlib, beside this file
         iaat_eval.plot_run(out, rows, history, cfg.warmup)
+    save_checkpoint(out / "checkpoint.pt", cfg, s, {})
+    keep_best(out, rows)
     return history
+
+def best_row(rows: list) -> dict:
+    """--val-size: the metrics row of the first epoch with the best held-out PGD accuracy."""
+    return max(rows, key=lambda r: r["val_pgd"]) if rows and "val_pgd" in rows[0] else {}
+
+def keep_best(out: Path, rows: list) -> None:
+    """best.pt := checkpoint.pt if it holds the epoch of the last row and that epoch is the
+    best; run after checkpoint.pt is written, and again on resuming from it."""
+    if rows and best_row(rows) is rows[-1]:
+        atomic_write(out / "best.pt", lambda p: shutil.copyfile(out / "checkpoint.pt", p))
 
 def finite_totals(sums: dict, s: TrainState, ckpt_path: Path) -> dict:
     """The epoch's sums over all processes; IAATError before a non-finite loss or weight reaches
@@ -1005,7 +1003,7 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, log) -
     acc = evaluate(s.model, data.test_x, data.test_y, eps=cfg.eps_test, steps=cfg.eval_steps,
                    step_size=cfg.eval_step_size, batch_size=cfg.eval_batch, distributed=True)
     mems, models = same_state(s)
-    best = max(rows, key=lambda r: r["val_pgd"]) if rows and "val_pgd" in rows[0] else {}
+    best = best_row(rows)
     expected = max(0, rows[-1]["epoch"] - cfg.warmup) if cfg.method == "iaat" and rows else 0
     if rows and not bool((s.visits == expected).all()):
         raise IAATError(f"some images were not selected exactly once per epoch after warmup "

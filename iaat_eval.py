@@ -406,8 +406,10 @@ def run_config(run: Path, checkpoint: str = "last") -> tuple[Config, dict]:
         raise IAATError(f"checkpoint must be best or last, not {checkpoint!r}")
     path = run / CHECKPOINTS[checkpoint]
     if checkpoint == "best" and not path.is_file() and (run / "checkpoint.pt").is_file():
-        raise IAATError(f"{path} not found: only runs trained with --val-size N keep a best "
-                        "checkpoint; evaluate the last one (--checkpoint last)")
+        held_out = read_checkpoint(run / "checkpoint.pt")["config"].get("val_size")
+        raise IAATError(f"{path} not found: " + ("no epoch of this run has finished yet" if held_out
+                        else "only runs trained with --val-size N keep a best checkpoint; "
+                        "evaluate the last one (--checkpoint last)"))
     if not path.is_file():
         raise IAATError(f"{path} not found; give the folder of a run trained by iaat.py")
     ckpt = read_checkpoint(path)
@@ -899,6 +901,9 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: Optional[str] =
     if ckpt["epoch"] < cfg.epochs and checkpoint == "last":
         print(f"iaat eval: note: {run} holds epoch {ckpt['epoch']} of {cfg.epochs}",
               file=sys.stderr)
+    if checkpoint == "best" and not (run / "summary.json").is_file():
+        print(f"iaat eval: note: {run} has not finished training: a later epoch may still "
+              "replace its best.pt", file=sys.stderr)
     which = "" if checkpoint == "last" else f" (best: epoch {ckpt['epoch']})"
     head = {"label": f"{cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}{which}",
             "run": str(run), "checkpoint": checkpoint, "checkpoint_epoch": ckpt["epoch"],
@@ -1024,8 +1029,9 @@ def shorten(cfg: iaat.Config, epochs: Optional[int]) -> iaat.Config:
 
 
 def command_line(cfg: iaat.Config, script: str = "iaat.py") -> str:
-    """The `python iaat.py ...` command that trains `cfg`: its dataset, method and seed, and
-    every setting that differs from the preset, in the CLI's units."""
+    """The `python iaat.py ...` command that trains `cfg`: its dataset, model (where it is not
+    the dataset's default), method and seed, and every setting that differs from the preset,
+    in the CLI's units."""
     model = [] if cfg.model == iaat.make_config(cfg.dataset).model else ["--model", cfg.model]
     words = ["python", script, "--dataset", cfg.dataset, *model, "--method", cfg.method,
              "--seed", str(cfg.seed)]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -243,6 +244,19 @@ def write_eps_history(path: Path, history: np.ndarray) -> None:
         with open(p, "wb") as f:  # a file, as np.save would add .npy to the temporary name
             np.save(f, history)
     atomic_write(path, save)
+
+
+def config_dict(cfg) -> dict:
+    """A config dataclass as JSON values (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def changed_setting(cfg, saved: dict) -> Optional[str]:
+    """The first setting (not a runtime one) in which `cfg` differs from a saved config, or
+    None; a setting saved before it existed counts as its default."""
+    mine, fields = config_dict(cfg), type(cfg).__dataclass_fields__
+    return next((k for k in mine if k not in cfg.RUNTIME and
+                 mine[k] != saved.get(k, fields[k].default)), None)
 
 
 def read_checkpoint(path: Path) -> dict:

@@ -12,9 +12,10 @@
 3. Print the table beside the paper's numbers and write it to OUT/table-DATASET-MODEL.md.
 
 Rerunning the command skips what is done: a finished run (its summary.json with these
-settings), a complete evaluation (eval.json); a run or evaluation cut short resumes or
-restarts. Everything runs in this one process, one stage after another; each stage prints
-the `python iaat.py ...` command it stands for.
+settings), a complete evaluation (eval.json) of that run's final checkpoint by the same
+command; a run cut short resumes, an evaluation cut short restarts. Everything runs in this
+one process, one stage after another; each stage prints the `python iaat.py ...` command it
+stands for.
 """
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ PAPER = {
                                "iaat": (68.80, 26.17, 24.22, 24.36, 35.18, None)},
 }
 NAMES = {"clean": "Clean", "at": "PGD-AT", "iaat": "IAAT"}
+# flags the script sets itself, and so refuses in --train-flags and --eval-flags
+SET_HERE = {"train": ("--dataset", "--model", "--method", "--seed", "--out"),
+            "eval": ("--surrogate", "--corruptions", "--name", "--checkpoint")}
 
 # ---- the expected GPU time ------------------------------------------------------------------
 # Forward-equivalents per image (a backward counts as two forwards with weight gradients, one
@@ -77,34 +81,35 @@ def forward_flops(model: str, dataset: str) -> float:
     return float(counter.get_total_flops())
 
 
-def measured_images_per_second(model: str) -> dict:
+def measured_images_per_second(model: str) -> tuple[dict, str]:
     """Training images/s on a GPU measured by benchmarks/gpu_check.sh (fp32, PreAct ResNet-18
-    only), where its result file exists: {"iaat": .., "at": ..}; else {}."""
+    only), where its result file exists: ({"iaat": .., "at": ..}, the GPU's name); else {}."""
     path = ROOT / "benchmarks" / "results" / "gpu_check-cuda.json"
     if model != "resnet18" or not path.is_file():
-        return {}
-    bench = json.loads(path.read_text())["parts"].get("bench", {})
-    ips = bench.get("none", {}).get("images_per_second", {})
-    return {k: ips[v] for k, v in (("iaat", "iaat"), ("at", "pgd_at")) if v in ips}
+        return {}, ""
+    parts = json.loads(path.read_text())["parts"]
+    ips = parts.get("bench", {}).get("none", {}).get("images_per_second", {})
+    gpu = str(parts.get("environment", {}).get("gpu", "a GPU"))
+    return {k: ips[v] for k, v in (("iaat", "iaat"), ("at", "pgd_at")) if v in ips}, gpu
 
 
 def time_estimate(dataset: str, model: str, cfg: iaat.Config,
                   n_test: int = 10_000) -> tuple[float, str]:
     """(central estimate in hours, the explanation) for all of this script's stages."""
     flops, n_train = forward_flops(model, dataset), cfg.n_train or 50_000
-    measured = measured_images_per_second(model)
-    train_s, how = 0.0, []
-    for method in METHODS:
-        images = n_train * cfg.epochs * len(SEEDS)
-        if method in measured:
-            train_s += images / measured[method]
-            how.append(f"{NAMES[method]} training: measured {measured[method]:.0f} images/s "
-                       "(benchmarks/results/gpu_check-cuda.json)")
-        else:
-            train_s += images * PASSES[method] * flops / (UTILISATION[1] * H100_TF32)
-    eval_s = len(METHODS) * n_test * EVAL_PASSES * flops / (UTILISATION[1] * H100_TF32)
-    total = (train_s + eval_s) / 3600
-    lo, hi = (total * UTILISATION[1] / u for u in (UTILISATION[2], UTILISATION[0]))
+    measured, gpu = measured_images_per_second(model)
+    images = n_train * cfg.epochs * len(SEEDS)
+    measured_s = sum(images / measured[m] for m in METHODS if m in measured)
+    train_flop = sum(images * PASSES[m] * flops for m in METHODS if m not in measured)
+    eval_flop = len(METHODS) * n_test * EVAL_PASSES * flops  # the evaluations: always estimated
+
+    def hours(utilisation: float) -> float:
+        return (measured_s + (train_flop + eval_flop) / (utilisation * H100_TF32)) / 3600
+    total, lo, hi = hours(UTILISATION[1]), hours(UTILISATION[2]), hours(UTILISATION[0])
+    train_s = measured_s + train_flop / (UTILISATION[1] * H100_TF32)
+    eval_s = eval_flop / (UTILISATION[1] * H100_TF32)
+    how = [f"{NAMES[m]} training: measured {measured[m]:.0f} images/s on {gpu} "
+           "(benchmarks/results/gpu_check-cuda.json)" for m in METHODS if m in measured]
     text = (f"Expected time on one H100: about {total:.0f} h ({train_s / 3600:.0f} h training "
             f"6 runs of {cfg.epochs} epochs, {eval_s / 3600:.1f} h evaluating 3), "
             f"{lo:.0f}-{hi:.0f} h at {UTILISATION[2]:.0%}-{UTILISATION[0]:.0%} of the peak.\n"
@@ -147,11 +152,16 @@ def eval_argv(args, method: str) -> list:
             *args.eval_flags]
 
 
-def complete(path: Path) -> bool:
+def evaluated(run: Path, argv: list) -> bool:
+    """Whether RUN/eval.json is complete, made by `python iaat.py ARGV` (as this script
+    recorded in eval_command.json) on the run's final checkpoint."""
     try:
-        return bool(json.loads(path.read_text()).get("complete"))
-    except (OSError, ValueError):
+        res = json.loads((run / "eval.json").read_text())
+        made_by = json.loads((run / "eval_command.json").read_text())
+        epochs = json.loads((run / "summary.json").read_text())["epochs"]
+    except (OSError, ValueError, KeyError):
         return False
+    return bool(res.get("complete")) and res.get("checkpoint_epoch") == epochs and made_by == argv
 
 
 def stage(argv: list, done: bool, log) -> None:
@@ -210,7 +220,12 @@ def parse(argv):
     p.add_argument("--eval-flags", type=shlex.split, default=[],
                    help="more `iaat.py eval` flags, e.g. \"--batch-size 1000\"")
     p.add_argument("--estimate", action="store_true", help="print the expected time and stop")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flags, mine in ((args.train_flags, SET_HERE["train"]), (args.eval_flags, SET_HERE["eval"])):
+        taken = [f for f in flags if f.split("=")[0] in mine]
+        if taken:
+            p.error(f"{taken[0]} is set by this script; choose it with its own arguments")
+    return args
 
 
 def main(argv=None, log=print) -> int:
@@ -230,9 +245,10 @@ def main(argv=None, log=print) -> int:
     results = {}
     for method in METHODS:
         argv = eval_argv(args, method)
-        path = Path(argv[1]) / "eval.json"
-        stage(argv, complete(path), log)
-        results[method] = json.loads(path.read_text())
+        run = Path(argv[1])
+        stage(argv, evaluated(run, argv), log)
+        iaat.write_json(run / "eval_command.json", argv)
+        results[method] = json.loads((run / "eval.json").read_text())
     text = (f"{args.dataset} {args.model}: ours (seed 0; transfer from seed 1) and the paper's "
             f"Table {1 if args.dataset == 'cifar10' else 2}, accuracy in % at eps 8/255\n\n"
             + table(args.dataset, args.model, results) + "\n")

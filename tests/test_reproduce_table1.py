@@ -48,12 +48,27 @@ def test_reproduce_table1_end_to_end_and_resumed(tmp_path, no_md5):
     (runs["at", 0] / "eval.json").unlink()
     lines.clear()
     assert reproduce.main(argv, log=lines.append) == 0
+    running = [line for line in lines if line.startswith("running")]
     assert sum(line.startswith("done already") for line in lines) == 8
-    assert [line for line in lines if line.startswith("running")] == [
-        next(line for line in lines if line.startswith("running") and "eval" in line)]
-    assert str(runs["at", 0]) in next(line for line in lines if line.startswith("running"))
+    assert len(running) == 1 and f"eval {runs['at', 0]} " in running[0]
     assert checkpoint.stat().st_mtime_ns == mtime
     assert (tmp_path / "runs" / "table-cifar10-smallcnn.md").read_text() == table
+    # other evaluation flags: the three evaluations are redone, the runs are not
+    lines.clear()
+    assert reproduce.main(argv[:-1] + [TINY_EVAL.replace("2x1", "3x1")], log=lines.append) == 0
+    running = [line for line in lines if line.startswith("running")]
+    assert len(running) == 3 and all(" eval " in line for line in running)
+    assert "PGD-3x1" in (tmp_path / "runs" / "table-cifar10-smallcnn.md").read_text()
+    assert checkpoint.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("flags", [["--eval-flags", "--name mine"],
+                                   ["--train-flags", "--out elsewhere"],
+                                   ["--eval-flags=--checkpoint=best"]])
+def test_flags_the_script_sets_itself_are_refused(flags, capsys):
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(["cifar10", "resnet18", *flags], log=lambda line: None)
+    assert stop.value.code == 2 and "is set by this script" in capsys.readouterr().err
 
 
 def test_the_table_sits_beside_the_papers_numbers():
@@ -68,8 +83,9 @@ def test_the_table_sits_beside_the_papers_numbers():
         reproduce.table("cifar100", "resnet18", {})
 
 
-def test_the_estimate_says_it_is_one_and_scales_with_the_work():
+def test_the_estimate_says_it_is_one_and_scales_with_the_work(monkeypatch):
     import iaat
+    monkeypatch.setattr(reproduce, "measured_images_per_second", lambda model: ({}, ""))
     cfg = iaat.make_config("cifar10", "resnet18")
     hours, text = reproduce.time_estimate("cifar10", "resnet18", cfg)
     assert "ESTIMATE, not a measurement" in text
@@ -86,3 +102,26 @@ def test_the_shell_command_prints_the_estimate():
     assert r.returncode == 0 and "Expected time on one H100" in r.stdout, r.stderr
     r = subprocess.run(["bash", script, "cifar10", "vgg"], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_the_estimate_uses_measured_throughput_where_there_is_one(tmp_path, monkeypatch):
+    """With benchmarks/results/gpu_check-cuda.json, the IAAT and PGD-AT training hours are
+    images / measured images per second; the rest stays an estimate, and only it scales with
+    the assumed utilisation."""
+    import iaat
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "gpu_check-cuda.json").write_text(json.dumps({"parts": {
+        "environment": {"gpu": "NVIDIA H200"},
+        "bench": {"none": {"images_per_second": {"iaat": 1000.0, "pgd_at": 2000.0}}}}}))
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    cfg = iaat.make_config("cifar10", "resnet18")
+    hours, text = reproduce.time_estimate("cifar10", "resnet18", cfg)
+    assert "measured 1000 images/s on NVIDIA H200" in text and "The rest is an ESTIMATE" in text
+    images = 50_000 * 200 * 2
+    measured_h = (images / 1000 + images / 2000) / 3600
+    flops = reproduce.forward_flops("resnet18", "cifar10")
+    rest = images * 3 * flops + 3 * 10_000 * reproduce.EVAL_PASSES * flops
+    assert hours == pytest.approx(measured_h + rest / (0.10 * reproduce.H100_TF32) / 3600)
+    low = float(text.split(" h at ")[0].split(", ")[-1].split("-")[0])
+    assert low == pytest.approx(measured_h + rest / (0.20 * reproduce.H100_TF32) / 3600, abs=0.5)

@@ -131,37 +131,64 @@ def _both(out):
     return [torch.load(out / name, weights_only=True) for name in ("best.pt", "checkpoint.pt")]
 
 
-def test_a_crash_between_best_and_last_checkpoint_resumes_consistently(tmp_path, monkeypatch):
-    """The worst moment: best.pt of epoch 2 written, checkpoint.pt still in epoch 2."""
-    scores = [0.1, 0.2, 0.15, 0.1]
-    cfg = _config(tmp_path / "run", save_every=2)
+def _whole_run(tmp_path, monkeypatch, cfg, scores):
+    """The run of `cfg` without a kill, with these held-out scores; its two checkpoints."""
     _scripted_val_pgd(monkeypatch, scores)
     iaat.train(dataclasses.replace(cfg, out=str(tmp_path / "whole")), log=lambda msg: None)
     monkeypatch.undo()
+    return _both(tmp_path / "whole")
 
-    save, written = iaat.save_checkpoint, []
 
-    def crash_after_second_best(path, *a, **k):
-        if path.name == "checkpoint.pt" and written.count("best.pt") == 2:
+def test_a_kill_between_last_and_best_checkpoint_is_repaired_on_resume(tmp_path, monkeypatch):
+    """checkpoint.pt of epoch 2 (a new best) written, the kill before best.pt: the resumed run
+    starts at the end of epoch 2 and writes best.pt from it first."""
+    scores, cfg = [0.1, 0.2, 0.15, 0.1], _config(tmp_path / "run", save_every=2)
+    whole = _whole_run(tmp_path, monkeypatch, cfg, scores)
+    keep_best = iaat.keep_best
+
+    def killed_at_epoch_2(out, rows):
+        if rows and rows[-1]["epoch"] == 2:
             raise RuntimeError("killed")
-        written.append(path.name)
-        save(path, *a, **k)
-    monkeypatch.setattr(iaat, "save_checkpoint", crash_after_second_best)
+        keep_best(out, rows)
+    monkeypatch.setattr(iaat, "keep_best", killed_at_epoch_2)
     _scripted_val_pgd(monkeypatch, scores)
     with pytest.raises(RuntimeError, match="killed"):
         iaat.train(cfg, log=lambda msg: None)
     best, last = _both(tmp_path / "run")
-    assert best["epoch"] == 2 and last["epoch"] == 1  # mid-epoch 2 (--save-every)
+    assert (best["epoch"], last["epoch"], last["step"]) == (1, 2, 0)
     monkeypatch.undo()
-    _scripted_val_pgd(monkeypatch, scores[1:])
-    iaat.train(cfg, log=lambda msg: None)  # resumes in epoch 2 and redoes its end
-    for a, b in zip(_both(tmp_path / "run"), _both(tmp_path / "whole")):
+    _scripted_val_pgd(monkeypatch, scores[2:])
+    iaat.train(cfg, log=lambda msg: None)
+    for a, b in zip(_both(tmp_path / "run"), whole):
         _same_checkpoint(a, b)
     assert [r["val_pgd"] for r in _rows(tmp_path / "run")] == scores
-    assert _both(tmp_path / "run")[0]["epoch"] == 2
+
+
+def test_a_redone_epoch_that_scores_otherwise_keeps_best_consistent(tmp_path, monkeypatch):
+    """On a GPU a redone epoch need not repeat itself. Kill epoch 2, a new best, just before
+    its checkpoint.pt; the redo scores lower: best.pt, metrics and summary all stay at 1."""
+    cfg = _config(tmp_path / "run", save_every=2)
+    save = iaat.save_checkpoint
+
+    def killed_at_end_of_epoch_2(path, cfg_, s, *a, **k):
+        if path.name == "checkpoint.pt" and (s.epoch, s.step) == (2, 0):
+            raise RuntimeError("killed")
+        save(path, cfg_, s, *a, **k)
+    monkeypatch.setattr(iaat, "save_checkpoint", killed_at_end_of_epoch_2)
+    _scripted_val_pgd(monkeypatch, [0.1, 0.2])
+    with pytest.raises(RuntimeError, match="killed"):
+        iaat.train(cfg, log=lambda msg: None)
+    assert [r["val_pgd"] for r in _rows(tmp_path / "run")] == [0.1, 0.2]  # logged, not saved
+    monkeypatch.undo()
+    _scripted_val_pgd(monkeypatch, [0.05, 0.07, 0.09])  # the redone epoch 2, then 3 and 4
+    summary = iaat.train(cfg, log=lambda msg: None)
+    assert [r["val_pgd"] for r in _rows(tmp_path / "run")] == [0.1, 0.05, 0.07, 0.09]
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["epoch"] == summary["best_epoch"] == 1 and summary["best_val_pgd"] == 0.1
 
 
 def test_a_killed_run_resumes_with_the_same_best(tmp_path, val_run):
+    """A SIGKILL from outside, as soon as best.pt first appears (during epoch 2)."""
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, str(ROOT / "iaat.py"), "--epochs", "4", "--warmup",
                              "1", "--n-train", "300", "--val-size", "60", "--eval-subset", "0",
