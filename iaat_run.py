@@ -127,7 +127,7 @@ def _all_past_the_barrier(timeout: float = 60.0) -> None:
     """Wait, on the rendezvous store rather than on gloo, until every process has returned
     from the last barrier. A process returns from gloo's barrier as soon as its own part is
     done, and one that then closed its connections could still kill a peer reading the
-    barrier's last message (seen once in about a hundred 2-process runs)."""
+    barrier's last message (seen once, in a 2-process test of a full CI run)."""
     store, world = tdist.distributed_c10d._get_default_store(), tdist.get_world_size()
     store.add("iaat/past_the_last_barrier", 1)
     deadline = time.time() + timeout  # a peer that died after the barrier must not hang us

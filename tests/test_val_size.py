@@ -14,6 +14,9 @@ import iaat_eval
 from conftest import ROOT, run_cli
 
 SHORT = dict(epochs=4, warmup=1, n_train=300, val_size=60, eval_subset=0, lr_milestones=(3,))
+# the same run on the command line, checkpointing every 2 steps as well
+CLI = ["--epochs", "4", "--warmup", "1", "--n-train", "300", "--val-size", "60", "--eval-subset",
+       "0", "--lr-milestones", "3", "--save-every", "2"]
 
 
 def _config(out, **overrides):
@@ -103,8 +106,7 @@ def test_best_is_the_first_epoch_with_the_highest_held_out_pgd(tmp_path, monkeyp
 @pytest.fixture(scope="module")
 def val_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("val") / "run"
-    r = run_cli("--epochs", 4, "--warmup", 1, "--n-train", 300, "--val-size", 60,
-                "--eval-subset", 0, "--lr-milestones", 3, "--save-every", 2, "--out", out)
+    r = run_cli(*CLI, "--out", out)
     assert r.returncode == 0, r.stderr
     assert " | val clean " in r.stdout
     return out
@@ -190,9 +192,7 @@ def test_a_redone_epoch_that_scores_otherwise_keeps_best_consistent(tmp_path, mo
 def test_a_killed_run_resumes_with_the_same_best(tmp_path, val_run):
     """A SIGKILL from outside, as soon as best.pt first appears (during epoch 2)."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "iaat.py"), "--epochs", "4", "--warmup",
-                             "1", "--n-train", "300", "--val-size", "60", "--eval-subset", "0",
-                             "--lr-milestones", "3", "--save-every", "2", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "iaat.py"), *CLI, "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "best.pt").exists():  # epoch 1 just ended
@@ -201,8 +201,7 @@ def test_a_killed_run_resumes_with_the_same_best(tmp_path, val_run):
     proc.kill()
     proc.wait()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] < 4
-    r = run_cli("--epochs", 4, "--warmup", 1, "--n-train", 300, "--val-size", 60,
-                "--eval-subset", 0, "--lr-milestones", 3, "--save-every", 2, "--out", out)
+    r = run_cli(*CLI, "--out", out)
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
     for a, b in zip(_both(out), _both(val_run)):
         _same_checkpoint(a, b)
