@@ -259,13 +259,17 @@ def load_cifar(name: str, root: str, download: bool) -> Data:
     return _data_from_numpy(as_nchw(train), train.targets, as_nchw(test), test.targets,
                             len(train.classes), "cifar")
 
+def channel_stats(train_x: torch.Tensor) -> tuple:
+    """Per-channel mean and std, in [0,1], of the uint8 images trained on (the model's Normalize)."""
+    pixels = train_x.float().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
+    return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
+
 def _data_from_numpy(tr_x, tr_y, te_x, te_y, num_classes: int, augmentation: str) -> Data:
     train_x = torch.as_tensor(tr_x, dtype=torch.uint8)
-    pixels = train_x.float().div(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
     return Data(train_x, torch.as_tensor(np.asarray(tr_y), dtype=torch.long),
                 torch.as_tensor(te_x, dtype=torch.uint8),
                 torch.as_tensor(np.asarray(te_y), dtype=torch.long), num_classes,
-                tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist()), augmentation)
+                *channel_stats(train_x), augmentation)
 
 def load_data(cfg: Config, device) -> Data:
     data = (load_digits(cfg.split_seed) if cfg.dataset == "digits"
@@ -275,6 +279,8 @@ def load_data(cfg: Config, device) -> Data:
                                    train_y=data.train_y[:cfg.n_train])
     if cfg.val_size:
         data = hold_out(data, cfg.val_size, cfg.split_seed)
+    if cfg.n_train is not None or cfg.val_size:  # normalise with the images trained on only
+        data = dataclasses.replace(data, **dict(zip(("mean", "std"), channel_stats(data.train_x))))
     if cfg.label_noise:
         from iaat_radius import flip_labels  # the label-noise experiment, beside this file
         data = dataclasses.replace(data, train_y=flip_labels(data.train_y, data.num_classes,

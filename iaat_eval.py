@@ -11,8 +11,10 @@ or from Python, with keyword arguments in pixel units ([0,1]):
 
 White-box PGD (10x5, 100x5, 1000x2; each sample's worst case over restarts), transfer from an
 independently trained surrogate, CIFAR-10-C corruptions (and ImageNet-C mCE), DeepFool,
-MI-FGSM, CW40 and AutoAttack (torchattacks), the test-eps sweep (Fig 4) and the PGD-steps sweep
-(Fig 9). Always FP32, model in eval mode. Also the run's training plots (curves, eps).
+MI-FGSM and CW40 (from torchattacks), standard AutoAttack (the reference implementation,
+pyautoattack), the test-eps sweep (Fig 4) and the PGD-steps sweep (Fig 9). Every robust
+accuracy counts an image only if it is classified correctly clean and under the attack.
+Always FP32, model in eval mode. Also the run's training plots (curves, eps).
 This module imports iaat; iaat.py imports it only when it evaluates or plots.
 """
 from __future__ import annotations
@@ -124,13 +126,15 @@ def pgd_steps_sweep(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, 
 
 def transfer_correct(model: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                      eps, steps: int, step_size: Step, restarts: int = 1) -> torch.Tensor:
-    """(B,) bool: correct on PGD images crafted on `surrogate`, an independently trained copy
-    (paper Sec 4: PGD-1000 x 2; each sample keeps the surrogate's worst restart)."""
+    """(B,) bool: correct on x and on the PGD images crafted on `surrogate`, an independently
+    trained copy (paper Sec 4: PGD-1000 x 2; each sample keeps the surrogate's worst restart).
+    Robust means correct on the clean image too: one the model gets wrong clean never counts,
+    even where the surrogate's perturbation happens to move it back to its label."""
     with model_mode(surrogate, False):
         x_adv = pgd_attack(surrogate, x, y, eps, steps=steps, step_size=step_size,
                            restarts=restarts)
     with model_mode(model, False), torch.no_grad():
-        return model(x_adv).argmax(1) == y
+        return (model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)
 
 
 def cw_margin(logits: torch.Tensor, y: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -172,13 +176,14 @@ def library_attack(name: str, model: nn.Module, *, eps: float, step_size: float,
 
 def library_correct(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     eps: float) -> torch.Tensor:
-    """(B,) bool: correct on a torchattacks attack's images, clipped into the eps-ball
-    (a no-op for the L-inf attacks; it bounds DeepFool's minimal L2 perturbation)."""
+    """(B,) bool: correct on x and on a torchattacks attack's images, clipped into the eps-ball
+    (a no-op for the L-inf attacks; it bounds DeepFool's minimal L2 perturbation). An image
+    misclassified clean never counts as robust, whatever the attack made of it."""
     with model_mode(model, False):
         x_adv = attack(x, y).detach()
         x_adv = torch.clamp(torch.where(torch.isfinite(x_adv), x_adv, x), *ball(x, eps))
         with torch.no_grad():
-            return model(x_adv).argmax(1) == y
+            return (model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)
 
 
 # ============================================================================================
@@ -190,6 +195,9 @@ def library_correct(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 AUTOATTACK_STAGES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T",
                      "square": "Square"}
 AUTOATTACK_PARTS = {"autoattack": tuple(AUTOATTACK_STAGES), "apgd": ("apgd-ce", "apgd-t")}
+# The batch of the reference's run_standard_evaluation (its `bs`). The result depends on it
+# (each batch draws its own random starts); at the same batch and seed it is the reference's.
+AUTOATTACK_BATCH = 250
 
 
 def reference_autoattack(model: nn.Module, *, eps: float, seed: int = 0):
@@ -212,7 +220,7 @@ def autoattack_settings(aa) -> dict:
     return {"apgd-ce": {"n_iter": aa.apgd.n_iter, "n_restarts": aa.apgd.n_restarts},
             "apgd-t": {"n_iter": aa.apgd_targeted.n_iter, "n_restarts": aa.apgd_targeted.n_restarts,
                        "n_target_classes": aa.apgd_targeted.n_target_classes},
-            "fab-t": {"n_iter": aa.fab.n_iter, "n_restarts": 1,  # set to 1 as it runs (below)
+            "fab-t": {"n_iter": aa.fab.n_iter, "n_restarts": aa.fab.n_restarts,  # 1 once run
                       "n_target_classes": aa.fab.n_target_classes},
             "square": {"n_queries": aa.square.n_queries, "p_init": aa.square.p_init}}
 
@@ -261,18 +269,21 @@ class _Warnings(logging.Handler):
 
 
 def autoattack_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: float,
-                       seed: int = 0, stages=tuple(AUTOATTACK_STAGES), batch_size: int = 250,
+                       seed: int = 0, stages=tuple(AUTOATTACK_STAGES),
+                       batch_size: int = AUTOATTACK_BATCH,
                        info: Optional[dict] = None) -> torch.Tensor:
     """(len(stages), B) bool: correct after each stage of standard AutoAttack, cumulatively
     (row s: not broken by stages 0..s), as the reference reports its robust accuracy.
 
     The reference's own attack objects and settings (reference_autoattack) and the loop of its
     run_standard_evaluation: each stage attacks the images still standing, in batches of
-    `batch_size` (its default 250; with the same batch size and seed the result is the
-    reference's, image by image), and so do its checks (randomised or dynamic model, logits,
-    number of classes, zero gradients, Square). x_u8: uint8 images, converted per batch.
-    Eval mode, FP32. `info`, if given, receives the settings, the warnings, the largest
-    L-inf perturbation and the seconds of each stage."""
+    `batch_size`, and so do its checks (randomised or dynamic model, logits, number of
+    classes, zero gradients, Square). With the same seed and batch size the result is the
+    reference's run_standard_evaluation(x, y, bs=batch_size), image by image; the default is
+    the reference's own default, 250 (another size draws other random starts). Only all four
+    stages are AutoAttack; fewer are recorded as such in `info`. x_u8: uint8 images,
+    converted per batch. Eval mode, FP32. `info`, if given, receives the settings, the
+    warnings, the largest L-inf perturbation and the seconds of each stage."""
     from pyautoattack import checks
     stages = tuple(stages)
     unknown = set(stages) - set(AUTOATTACK_STAGES)
@@ -314,7 +325,9 @@ def autoattack_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *,
             aa.logger.removeHandler(warned)
     if info is not None:
         from importlib.metadata import version
-        info.update(package=f"pyautoattack {version('pyautoattack')}", version="standard",
+        full = stages == tuple(AUTOATTACK_STAGES)  # only all four stages are AutoAttack
+        info.update(package=f"pyautoattack {version('pyautoattack')}",
+                    version="standard" if full else "standard stages only: " + ", ".join(stages),
                     norm="Linf", seed=seed, batch_size=batch_size,
                     settings={s: autoattack_settings(aa)[s] for s in stages},
                     max_linf_255=worst_linf * PIXEL, seconds=seconds,
@@ -530,7 +543,7 @@ def _run_parts(model, x_u8, y, ev, num_classes, surrogate, corruptions, target, 
             info = {}
             rows = timed(name, lambda: autoattack_correct(
                 model, x_u8, y, eps=eps, seed=ev["seed"], stages=stages,
-                batch_size=bs, info=info))
+                batch_size=ev.get("autoattack_batch_size", AUTOATTACK_BATCH), info=info))
             res[name], worst = rows[-1].float().mean().item(), worst & rows[-1]
             res[f"{name}_stages"] = {AUTOATTACK_STAGES[s]: r.float().mean().item()
                                      for s, r in zip(stages, rows)}
@@ -672,11 +685,17 @@ FLAGS = {
         "extend the sweep to larger radii; try a gradient-free attack (Square, in autoattack) "
         "or a transfer attack at the largest radius"),
     "autoattack_above_pgd": (
-        "AutoAttack (or its APGD half) leaves more images standing than our PGD: the stronger "
-        "attack should be at most PGD's accuracy; the model may be randomised, output "
-        "probabilities instead of logits, or its loss surface may defeat APGD's step-size rule",
-        "read the reference's warnings in the JSON; for a randomised model use "
-        "version='rand' (EOT); report the lower number"),
+        "AutoAttack leaves more images standing than our PGD: the stronger attack should be at "
+        "most PGD's accuracy; the model may be randomised, output probabilities instead of "
+        "logits, or its loss surface may defeat APGD's step-size rule",
+        "read the reference's warnings in the JSON (autoattack_details.warnings); for a "
+        "randomised model use version='rand' (EOT); report the lower number"),
+    "apgd_above_pgd": (
+        "APGD-CE+T (the first two attacks of standard AutoAttack, not AutoAttack) leaves more "
+        "images standing than our PGD: the model may be randomised, output probabilities "
+        "instead of logits, or its loss surface may defeat APGD's step-size rule",
+        "read the reference's warnings in the JSON (apgd_details.warnings); run the full "
+        "autoattack part; report the lower number"),
     "attack_not_converged": (
         "a stronger setting of the same attack (tenfold the steps, or more restarts) still "
         "lowers accuracy a lot: the attack has not converged and the reported accuracy is an "
@@ -687,6 +706,12 @@ FLAGS = {
         "the reference AutoAttack's own checks warned (its flags_doc.md): e.g. a randomised or "
         "dynamic model, outputs that look like probabilities, or inputs with zero gradient",
         "read the warning in the JSON (autoattack_details.warnings) and follow flags_doc.md of "
+        "fra31/auto-attack"),
+    "apgd_warning": (
+        "the reference's own checks warned while running APGD-CE+T (its flags_doc.md): e.g. a "
+        "randomised or dynamic model, outputs that look like probabilities, or inputs with "
+        "zero gradient",
+        "read the warning in the JSON (apgd_details.warnings) and follow flags_doc.md of "
         "fra31/auto-attack"),
 }
 
@@ -701,12 +726,13 @@ def sanity_flags(r: dict) -> list:
     - eps_sweep_rises: accuracy higher at a larger test radius;
     - eps_sweep_does_not_fall: at the largest radius (at least twice the evaluation radius)
       accuracy above half the natural accuracy;
-    - autoattack_above_pgd: AutoAttack or APGD-CE+T above the strongest white-box PGD;
+    - autoattack_above_pgd, apgd_above_pgd: AutoAttack, or APGD-CE+T (its first two attacks
+      only, never called AutoAttack), above the strongest white-box PGD;
     - attack_not_converged: among the PGD runs with at least a tenth of the most steps any ran
       (the last tenfold of the effort), one with at least as many steps and restarts as another
       below it by more than max(2 points, 10% of the weaker's accuracy); the steps sweep
       counts as PGD-k x 1;
-    - autoattack_warning: the reference's own checks warned."""
+    - autoattack_warning, apgd_warning: the reference's own checks warned in that part."""
     n = r.get("n_examples") or 0
     tol = max(2 / n if n else 0.0, 0.01)
     out = []
@@ -744,7 +770,7 @@ def sanity_flags(r: dict) -> list:
     if strongest:
         for key, title in (("autoattack", "AutoAttack"), ("apgd", "APGD-CE+T")):
             if key in r and f"{key}_details" in r and r[key] > strongest[1] + tol:
-                flag("autoattack_above_pgd", f"{title} {pct(r[key])} > {strongest[0]} "
+                flag(f"{key}_above_pgd", f"{title} {pct(r[key])} > {strongest[0]} "
                      f"{pct(strongest[1])}")
     runs = [(_pgd_counts(k), v) for k, v in white.items()]
     if "steps_sweep" in r:
@@ -761,8 +787,7 @@ def sanity_flags(r: dict) -> list:
         flag("attack_not_converged", worst_gap[1])
     for key in AUTOATTACK_PARTS:
         if r.get(f"{key}_details", {}).get("warnings"):
-            flag("autoattack_warning", "; ".join(r[f"{key}_details"]["warnings"]))
-            break
+            flag(f"{key}_warning", "; ".join(r[f"{key}_details"]["warnings"]))
     return out
 
 
@@ -831,7 +856,8 @@ def eval_settings(dataset: str, *, preset: Optional[str] = None, parts=None, eps
                   step_size=None, whitebox=None, transfer=None, eps_sweep=None,
                   sweep_attack=None, steps_sweep=None, targeted: str = "none",
                   n_examples: Optional[int] = None, seed: int = 0, batch_size: int = 500,
-                  surrogate=None, corruptions=None) -> dict:
+                  autoattack_batch_size: int = AUTOATTACK_BATCH, surrogate=None,
+                  corruptions=None) -> dict:
     """The preset for the run's dataset (digits, or the paper's for CIFAR), overridden by the
     settings given (radii in [0,1]); IAATError on a bad combination, before any work."""
     ev = dict(EVAL_PRESETS[preset or ("digits" if dataset == "digits" else "paper")])
@@ -848,8 +874,10 @@ def eval_settings(dataset: str, *, preset: Optional[str] = None, parts=None, eps
         raise IAATError("--parts transfer needs --surrogate RUN_DIR")
     if "corruptions" in parts and not corruptions:
         raise IAATError("--parts corruptions needs --corruptions DIR")
-    if ev["step_size"] <= 0 or (n_examples is not None and n_examples < 1) or batch_size < 1:
-        raise IAATError("--step-size, --n-examples and --batch-size must be positive")
+    if ev["step_size"] <= 0 or (n_examples is not None and n_examples < 1) or batch_size < 1 \
+            or autoattack_batch_size < 1:
+        raise IAATError("--step-size, --n-examples, --batch-size and --autoattack-batch-size "
+                        "must be positive")
     if targeted not in ("none", "random"):
         raise IAATError(f"targeted must be none or random, not {targeted!r}")
     import importlib.util  # the attack libraries: checked now, not after hours of PGD
@@ -859,7 +887,7 @@ def eval_settings(dataset: str, *, preset: Optional[str] = None, parts=None, eps
             raise IAATError(f"the {what} parts need {module} (pip install -r requirements.txt), "
                             "or leave them out with --parts")
     ev.update(parts=parts, targeted=targeted, n_examples=n_examples, seed=seed,
-              batch_size=batch_size)
+              batch_size=batch_size, autoattack_batch_size=autoattack_batch_size)
     return ev
 
 
@@ -869,9 +897,10 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: Optional[str] =
     """The evaluation of a run folder, as `iaat eval RUN`: load its last checkpoint (or with
     checkpoint="best", --val-size's best on the held-out images), run every part
     (eval_settings: parts, eps, step_size, whitebox, transfer, eps_sweep, sweep_attack,
-    steps_sweep, targeted, n_examples, seed, batch_size, preset; radii in [0,1]), print the
-    table and write <run>/<name>.json (default name: eval, or eval_best; rewritten after every
-    part, with "complete": false until the end), .md and the sweep plots. Returns the results."""
+    steps_sweep, targeted, n_examples, seed, batch_size, autoattack_batch_size, preset; radii
+    in [0,1]), print the table and write <run>/<name>.json (default name: eval, or eval_best;
+    rewritten after every part, with "complete": false until the end), .md and the sweep plots.
+    Returns the results."""
     run = Path(run)
     surrogate = Path(surrogate) if surrogate is not None else None
     corruptions = Path(corruptions) if corruptions is not None else None
@@ -1005,7 +1034,11 @@ def build_eval_parser() -> argparse.ArgumentParser:
                         "Xie et al.); the other parts stay untargeted")
     p.add_argument("--n-examples", type=int, help="evaluate a subset of the test set, drawn with --seed")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset, targets and attack starts")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=500, help="images per batch (not AutoAttack's)")
+    p.add_argument("--autoattack-batch-size", type=int, default=AUTOATTACK_BATCH,
+                   help="images per batch of the autoattack and apgd parts (default "
+                        f"{AUTOATTACK_BATCH}, the reference's: its result image by image; the "
+                        "result depends on it through the random starts)")
     p.add_argument("--checkpoint", choices=tuple(CHECKPOINTS), default="last",
                    help="last (the paper's protocol) or best: the epoch with the best PGD accuracy "
                         "on the held-out images of a run trained with --val-size")

@@ -45,14 +45,17 @@ def flip_labels(y: torch.Tensor, num_classes: int, fraction: float, seed: int) -
 def minimal_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_max: float = 0.5,
                    tol: float = 1 / PIXEL, steps: int = 20, restarts: int = 3,
                    step_rel: float = 0.25, batch_size: int = 500) -> torch.Tensor:
-    """The smallest L-inf radius at which PGD changes the label of each image, (B,), in [0,1].
+    """An upper bound on each image's minimal adversarial L-inf radius, (B,), in [0,1]: the
+    smallest radius at which this PGD found an image of another class.
 
     Bisection on [0, eps_max] until the bracket is at most `tol` wide: at each midpoint, PGD
     with `steps` steps of `step_rel * radius` and `restarts` random starts (a sample counts as
     fooled as soon as any iterate of any restart is misclassified, iaat_eval.attack_correct).
     The answer is the upper end of the bracket: PGD found an image of another class at that
-    radius, so the true minimal radius is at most it; an exact attack would find it within
-    `tol` below. Images misclassified clean get 0, images PGD cannot fool at eps_max get inf.
+    radius (or at eps_max), so the true minimal radius is at most it. An exact attack would
+    find it within `tol` below; a weaker one leaves the bound loose (a stronger attack only
+    lowers it). Images misclassified clean get 0; inf only for images that neither the
+    bisection nor a run at eps_max fooled (a fooling radius the bisection found is kept).
     Bisection assumes that a radius that fools also fools at any larger one, which holds for
     the exact minimum and nearly so for a strong attack. Runs in eval mode and FP32; the
     random starts come from torch's global generator (seed it for a repeatable answer)."""
@@ -72,7 +75,7 @@ def minimal_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_ma
                 mid = (lo + hi) / 2
                 ok = attack_correct(model, xb, yb, eps=mid, **kw)
                 lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
-            hi[never] = math.inf
+            hi[never & (hi >= eps_max)] = math.inf  # keep a fooling radius found below eps_max
             hi[~clean] = 0.0
             out.append(hi)
     return torch.cat(out)

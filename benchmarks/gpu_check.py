@@ -5,8 +5,9 @@
 
 Parts, each timed and reported as ok, failed or skipped (with the reason):
   environment     torch, CUDA, the GPU, and which optional packages are importable
-  cuda_tests      pytest -m cuda: the tests that need a GPU (skipped on CPU runs of the suite;
-                  here they run on --device, CPU included, so they cannot rot)
+  cuda_tests      pytest -m cuda: the tests that need a GPU (the suite's default command
+                  deselects them on every machine; here they run on --device, CPU included, so
+                  they cannot rot); ok only if every one ran and passed, none skipped
   training        short IAAT and PGD-AT runs of `iaat.py` on synthetic CIFAR-10 files (written
                   in torchvision's real on-disk format): fp32, bf16, fp16 with its loss
                   scaling, channels_last, torch.compile; every output file checked
@@ -96,7 +97,17 @@ def cuda_tests(args) -> dict:
     summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     if r.returncode != 0:
         raise RuntimeError(f"pytest exit {r.returncode}: {summary}\n{tail(r.stdout + r.stderr)}")
-    return {"pytest": summary}
+    return {"pytest": summary, **ran_every_test(summary)}
+
+
+def ran_every_test(summary: str) -> dict:
+    """{"passed": n} from pytest's closing line; RuntimeError unless every test ran and passed:
+    a cuda test skipped (no CUDA, say) checked nothing, so the part is not ok."""
+    import re
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|skipped|failed|error)", summary)}
+    if not counts.get("passed") or set(counts) - {"passed"}:
+        raise RuntimeError(f"the cuda tests did not all run and pass: {summary or 'no summary'}")
+    return {"passed": counts["passed"]}
 
 
 def write_cifar10(root: Path, n_train: int, n_test: int, seed: int = 0) -> None:

@@ -31,8 +31,16 @@ def test_eps_zero_returns_input_unchanged():
     eps[:10] = 0
     x_adv = iaat.pgd_attack(model, x, y, eps, steps=5, step_size=0.05)
     assert torch.equal(x_adv[:10], x[:10])
-    assert not torch.equal(x_adv[10:], x[10:])
     assert torch.equal(iaat.pgd_attack(model, x, y, 0.0, steps=5), x)
+    # without a random start, what moves the others is the gradient steps, and they raise the loss
+    x_adv = iaat.pgd_attack(model, x, y, eps, steps=5, step_size=0.05, random_start=False)
+    assert torch.equal(x_adv[:10], x[:10])
+    moved = (x_adv[10:] - x[10:]).abs().flatten(1).amax(1)
+    assert (moved > 0.05 - 1e-6).all()  # at least one full step on some pixel of each
+    with torch.no_grad():
+        before = F.cross_entropy(model(x[10:]), y[10:], reduction="none")
+        after = F.cross_entropy(model(x_adv[10:]), y[10:], reduction="none")
+    assert (after > before).all()
 
 
 def test_per_sample_step_size():

@@ -25,10 +25,10 @@ def test_autoattack_equals_the_reference_and_is_below_pgd_1000x2(trained):
     idx = iaat_eval.test_subset(len(y), 100, seed=0, device="cpu")
     x, y = x[idx], y[idx]
     info = {}
-    rows = iaat_eval.autoattack_correct(model, _u8(x), y, eps=EPS, seed=0, batch_size=250,
+    rows = iaat_eval.autoattack_correct(model, _u8(x), y, eps=EPS, seed=0,  # default batch
                                         info=info)
     ref = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
-    x_adv, y_adv = ref.run_standard_evaluation(_u8(x).float() / 255, y, batch_size=250)
+    x_adv, y_adv = ref.run_standard_evaluation(_u8(x).float() / 255, y)  # its default batch
     ours, theirs = rows[-1].float().mean().item(), (y_adv == y).float().mean().item()
     assert abs(ours - theirs) <= 0.005 and torch.equal(rows[-1], y_adv == y), (ours, theirs)
     natural = (model(x).argmax(1) == y).float().mean().item()
@@ -36,6 +36,7 @@ def test_autoattack_equals_the_reference_and_is_below_pgd_1000x2(trained):
     # each stage attacks the survivors of the last: the rows only lose images
     assert all(not (b & ~a).any() for a, b in zip(rows, rows[1:]))
     assert info["max_linf_255"] <= EPS * 255 + 1e-3 and info["version"] == "standard"
+    assert info["batch_size"] == iaat_eval.AUTOATTACK_BATCH == 250  # the reference's default
     torch.manual_seed(0)
     pgd = iaat_eval.attack_correct(model, x, y, eps=EPS, steps=1000, step_size=STEP, restarts=2)
     assert ours <= pgd.float().mean().item(), (ours, pgd.float().mean().item())
@@ -56,35 +57,40 @@ class MarginModel(nn.Module):
         return self.lin(x.flatten(1))
 
 
-@pytest.mark.parametrize("classes", [10, 100])
-def test_autoattack_is_the_standard_version_also_with_100_classes(classes):
+def test_autoattack_is_the_standard_version():
     """The settings Croce & Hein's standard version prescribes, read from the objects that run
     (torchattacks' AutoAttack runs 10 iterations and fails this)."""
-    aa = iaat_eval.reference_autoattack(MarginModel(classes), eps=EPS, seed=0)
+    aa = iaat_eval.reference_autoattack(MarginModel(), eps=EPS, seed=0)
     assert aa.version == "standard" and aa.norm == "Linf" and aa.epsilon == EPS
     assert aa.attacks_to_run == list(iaat_eval.AUTOATTACK_STAGES)
     assert (aa.apgd.n_iter, aa.apgd.n_restarts) == (100, 1)
-    assert (aa.apgd_targeted.n_iter, aa.apgd_targeted.n_target_classes) == (100, 9)
+    assert (aa.apgd_targeted.n_iter, aa.apgd_targeted.n_restarts,
+            aa.apgd_targeted.n_target_classes) == (100, 1, 9)
     assert (aa.fab.n_iter, aa.fab.n_target_classes) == (100, 9)
     assert aa.square.n_queries == 5000
 
 
-def test_autoattack_runs_its_full_budget():
-    """Counted through a forward hook on a model no attack can fool: APGD-CE makes 100
-    gradient steps, APGD-T 100 against each of 9 targets, FAB-T 100 per target, and Square
-    5000 queries (each a gradient-free forward pass)."""
+@pytest.mark.parametrize("classes", [10, 100])
+def test_autoattack_runs_its_full_budget(classes):
+    """Counted through a forward hook on a model no attack can fool, with 10 and 100 classes:
+    APGD-CE makes 100 gradient steps (one restart), APGD-T 100 against each of 9 targets and
+    FAB-T 100 per target (one restart each: two would double the count; 99 targets on
+    CIFAR-100 would be 11 times it), and Square 5000 queries (gradient-free forward passes)."""
     torch.manual_seed(0)
-    model = MarginModel().eval()
+    model = MarginModel(classes).eval()
     calls = collections.Counter()
     model.register_forward_hook(lambda m, inp, out: calls.update([torch.is_grad_enabled()]))
     x, y = (torch.rand(3, 1, 8, 8) * 255).to(torch.uint8), torch.zeros(3, dtype=torch.long)
-    counted = {}
+    counted, info = {}, {}
     for stage in iaat_eval.AUTOATTACK_STAGES:
         calls.clear()
-        rows = iaat_eval.autoattack_correct(model, x, y, eps=EPS, stages=(stage,))
+        rows = iaat_eval.autoattack_correct(model, x, y, eps=EPS, stages=(stage,), info=info)
         assert rows.all(), stage
         counted[stage] = dict(calls)
-    assert 100 <= counted["apgd-ce"][True] < 200  # one restart
+        assert info["version"] == f"standard stages only: {stage}"  # one stage is not AutoAttack
+        settings = info["settings"][stage]
+        assert settings.get("n_restarts", 1) == 1 and settings.get("n_target_classes", 9) == 9
+    assert 100 <= counted["apgd-ce"][True] < 200
     assert 9 * 100 <= counted["apgd-t"][True] < 10 * 100
     assert 9 * 100 <= counted["fab-t"][True] < 10 * 100
     assert 5000 <= counted["square"][False] < 5100
@@ -121,18 +127,33 @@ def _with(**changes):
     ("eps_sweep_rises", _with(**{"eps_sweep.acc": [0.97, 0.9, 0.52, 0.6, 0.05]})),
     ("eps_sweep_does_not_fall", _with(**{"eps_sweep.acc": [0.97, 0.96, 0.95, 0.9, 0.85]})),
     ("autoattack_above_pgd", _with(autoattack=0.60)),
-    ("autoattack_above_pgd", _with(apgd=0.60)),
+    ("apgd_above_pgd", _with(apgd=0.60)),
     ("attack_not_converged", _with(**{"steps_sweep.acc": [0.8, 0.75, 0.7, 0.55]})),  # 100 -> 1000
     ("attack_not_converged", _with(**{"steps_sweep.acc": [0.8, 0.7, 0.65, 0.64]})),  # x1 -> x2
     ("autoattack_warning", _with(**{"autoattack_details.warnings": ["zero gradient"]})),
+    ("apgd_warning", _with(**{"apgd_details.warnings": ["zero gradient"]})),
 ])
 def test_each_flag_fires_alone_on_a_result_built_for_it(flag, result):
     assert iaat_eval.sanity_flags(NORMAL) == []
     flags = iaat_eval.sanity_flags(result)
     assert [f["flag"] for f in flags] == [flag]
     f = flags[0]
-    assert (f["meaning"], f["try"]) == iaat_eval.FLAGS[flag]
-    assert ("zero gradient" if flag == "autoattack_warning" else "%") in f["evidence"]
+    assert ("zero gradient" if flag.endswith("_warning") else "%") in f["evidence"]
+    # a flag of one part points to that part's JSON, and only AutoAttack's is called AutoAttack
+    part = flag.split("_")[0]
+    if part in iaat_eval.AUTOATTACK_PARTS:
+        assert f"{part}_details.warnings" in f["try"], f["try"]
+        assert f["meaning"].startswith("AutoAttack") == (flag == "autoattack_above_pgd")
+
+
+def test_every_flag_is_explained_in_the_docs():
+    """Each flag a result can raise has a row in the README's table of flags."""
+    from conftest import ROOT
+    doc = (ROOT / "README.md").read_text() + "".join(
+        p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    for flag, (meaning, remedy) in iaat_eval.FLAGS.items():
+        assert f"| `{flag}` |" in doc, flag
+        assert len(meaning) > 40 and len(remedy) > 20, flag
 
 
 def test_flags_stay_within_the_noise_and_the_protocol():
@@ -208,6 +229,8 @@ def test_the_apgd_part_is_a_quick_look_never_called_autoattack(runs, capsys):
     assert res["apgd"] == res["apgd_stages"]["APGD-T"] <= res["apgd_stages"]["APGD-CE"]
     assert res["apgd_details"]["settings"]["apgd-t"] == {"n_iter": 100, "n_restarts": 1,
                                                          "n_target_classes": 9}
+    assert res["apgd_details"]["version"] == "standard stages only: apgd-ce, apgd-t"
+    assert res["apgd_details"]["batch_size"] == 250  # AutoAttack's batch, not --batch-size
     out = capsys.readouterr().out
     assert "| APGD-CE | APGD-CE+T | worst case | flags |" in out and "AutoAttack |" not in out
     old = {"label": "old", "natural": 0.9, "autoattack": 0.5}

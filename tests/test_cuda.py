@@ -1,9 +1,11 @@
 """The claims that only a GPU can check: fp16 and bf16 attacks with CUDA's own half-precision
 kernels, and a training step with channels_last under autocast.
 
-Marked `cuda`: the README's test command skips them on a machine without CUDA. They are run by
-`benchmarks/gpu_check.py`, on the GPU, or with IAAT_TEST_DEVICE=cpu on the CPU (its --quick
-smoke test in CI), so that they cannot rot unnoticed."""
+Marked `cuda`: the README's test command deselects them (`-m 'not cuda'` in pyproject.toml's
+addopts), on every machine, with CUDA or without. They are run by `benchmarks/gpu_check.py`,
+on the GPU, or with IAAT_TEST_DEVICE=cpu on the CPU (its --quick smoke test, which the suite
+runs), so that they cannot rot; `pytest -m cuda tests/test_cuda.py` runs them by hand, and skips
+them where IAAT_TEST_DEVICE is cuda (the default) and there is no CUDA."""
 import copy
 import os
 

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import iaat
 import iaat_eval
@@ -363,3 +364,55 @@ def test_the_python_api_gives_what_the_cli_gives(runs, capsys):
     assert api["eps_sweep"]["eps_255"] == pytest.approx(cli["eps_sweep"]["eps_255"])
     with pytest.raises(iaat.IAATError, match="unknown --parts lasers"):
         iaat_eval.evaluate_run(run, parts={"lasers"})
+
+
+class WrongOnlyClean(nn.Module):
+    """Wrong (class 1) on the clean gray image 128/255, right (class 0) on any image that differs
+    from it by more than 1e-3, with a gradient that every attack follows (the sum of pixels
+    raises class 0). An attack cannot make it robust: it is wrong on the clean image."""
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))  # the attack libraries read the device here
+
+    def forward(self, x):
+        moved = ((x - 128 / 255).abs().flatten(1).amax(1) > 1e-3).float()
+        class0 = 10 * moved + 0.01 * x.flatten(1).sum(1)
+        return torch.stack([class0, torch.full_like(class0, 5.0)] + [class0 - 20] * 8, 1)
+
+
+def test_an_image_wrong_clean_is_robust_in_no_column():
+    """Robust accuracy is correct on the clean image and on the attacked one, in every column:
+    the attacked images of transfer, MI-FGSM and CW40 are classified correctly here, yet the
+    image counts as broken, as it does under PGD and AutoAttack."""
+    model = WrongOnlyClean().eval()
+    surrogate = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()  # any gradient will do
+    x, y = torch.full((2, 1, 8, 8), 128, dtype=torch.uint8), torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        xf = x.float() / 255
+        assert (model(xf).argmax(1) == 1).all()  # wrong clean
+        moved = iaat.pgd_attack(surrogate, xf, y, 0.2, steps=3, step_size=0.05)
+        assert (model(moved).argmax(1) == 0).all()  # right once moved: the case that matters
+    ev = dict(iaat_eval.EVAL_PRESETS["digits"], targeted="none", n_examples=None, seed=0,
+              batch_size=500, autoattack_batch_size=250, whitebox=((5, 1),), transfer=(5, 1),
+              sweep_attack=(5, 1), eps_sweep=(0.0, 0.2), steps_sweep=(1, 5),
+              parts={"whitebox", "transfer", "eps_sweep", "steps_sweep", "apgd", "autoattack",
+                     *iaat_eval.LIBRARY_ATTACKS})
+    res = iaat_eval.run_evaluation(model, x, y, ev=ev, num_classes=10, surrogate=surrogate)
+    cells = iaat_eval.table_cells(res)
+    assert len(cells) >= 12 and all(v == 0 for v in cells.values()), cells
+    assert res["eps_sweep"]["acc"] == [0, 0] and res["steps_sweep"]["acc"] == [0, 0]
+    # each attack alone says so too
+    for name in iaat_eval.LIBRARY_ATTACKS:
+        attack = iaat_eval.library_attack(name, model, eps=0.2, step_size=0.05, num_classes=10)
+        assert not iaat_eval.library_correct(attack, model, xf, y, 0.2).any(), name
+    assert not iaat_eval.transfer_correct(model, surrogate, xf, y, eps=0.2, steps=3,
+                                          step_size=0.05).any()
+
+
+def test_autoattack_batch_is_the_references_unless_given():
+    assert iaat_eval.eval_settings("digits")["autoattack_batch_size"] == 250
+    assert iaat_eval.eval_settings("digits", autoattack_batch_size=64)["autoattack_batch_size"] == 64
+    with pytest.raises(iaat.IAATError, match="autoattack-batch-size must be positive"):
+        iaat_eval.eval_settings("digits", autoattack_batch_size=0)
+    args = iaat_eval.build_eval_parser().parse_args(["RUN", "--autoattack-batch-size", "100"])
+    assert args.autoattack_batch_size == 100 and args.batch_size == 500

@@ -6,9 +6,21 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 PARTS = ["environment", "cuda_tests", "training", "resume", "bench", "imagenet"]
+
+
+def test_cuda_tests_count_as_ok_only_when_every_one_ran():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+    assert gpu_check.ran_every_test("9 passed in 3.1s") == {"passed": 9}
+    for summary in ("9 skipped in 0.1s", "8 passed, 1 skipped in 2.0s", "8 passed, 1 failed",
+                    "no tests ran in 0.01s", ""):
+        with pytest.raises(RuntimeError, match="did not all run"):
+            gpu_check.ran_every_test(summary)
 
 
 def test_the_cpu_smoke_run_writes_every_section(tmp_path):
@@ -21,6 +33,7 @@ def test_the_cpu_smoke_run_writes_every_section(tmp_path):
     assert all(part["status"] == "ok" for part in res["parts"].values()), res["parts"]
     assert "passed" in res["parts"]["cuda_tests"]["pytest"]  # the cuda tests ran, on the CPU
     assert "skipped" not in res["parts"]["cuda_tests"]["pytest"]
+    assert res["parts"]["cuda_tests"]["passed"] >= 5
     runs = res["parts"]["training"]["runs"]
     done = [name for name, run in runs.items() if "skipped" not in run]
     assert len(done) == 5 and all(runs[n]["exit"] == 0 and not runs[n]["missing_outputs"]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import iaat
+import iaat_eval
 import iaat_radius
-from conftest import distance_to_boundary, frozen_linear, run_cli
+from conftest import ROOT, distance_to_boundary, frozen_linear, run_cli
 
 D = 24
 
@@ -59,6 +60,28 @@ def test_minimal_radius_zero_when_misclassified_inf_when_never_fooled():
     ys[2] = 1 - ys[2]  # a wrong label: misclassified clean
     r = iaat_radius.minimal_radius(model, xs, ys, eps_max=0.15, tol=0.01)
     assert r[0] == float("inf") and 0 < r[1] <= 0.15 and r[2] == 0
+
+
+class Shell(torch.nn.Module):
+    """Class 1 exactly where the largest pixel change from the gray image 0.5 lies in
+    [0.2, 0.3), class 0 elsewhere, with zero input gradient: PGD's iterates stay at its random
+    start, whose largest change is almost the radius. So PGD fools the gray image at radii
+    just above 0.2 and not at 0.5: a case where the run at eps_max fails and the bisection
+    finds a fooling radius."""
+    def forward(self, x):
+        change = (x - 0.5).abs().flatten(1).amax(1)
+        shell = ((change >= 0.2) & (change < 0.3)).float()
+        return torch.stack([torch.zeros_like(change), 2 * shell - 1], 1) + 0 * change[:, None]
+
+
+def test_minimal_radius_keeps_a_fooling_radius_the_run_at_eps_max_missed():
+    torch.manual_seed(0)
+    x, y = torch.full((4, 1, 8, 8), 0.5), torch.zeros(4, dtype=torch.long)
+    model = Shell()
+    assert iaat_eval.attack_correct(model, x, y, eps=0.5, steps=20, restarts=3,
+                                    step_size=0.125).all()  # never fooled at eps_max
+    r = iaat_radius.minimal_radius(model, x, y, eps_max=0.5, tol=0.01)
+    assert torch.isfinite(r).all() and ((r >= 0.2) & (r <= 0.3)).all(), r
 
 
 def test_flip_labels_flips_exactly_the_fraction_to_other_classes():
@@ -130,3 +153,21 @@ def test_rank_bad_run_folder_is_one_line_error(tmp_path):
 def test_label_noise_out_of_range_is_an_error():
     with pytest.raises(iaat.IAATError, match="label-noise"):
         iaat.make_config("digits", label_noise=1.0)
+
+
+def test_radius_bound_script_compares_attacks_on_one_bisection(runs, capsys):
+    """scripts/radius_bound.py: the same images and bisection for each attack; the first row is
+    the reference (no drop against itself); a bad attack list or run folder is an error."""
+    import runpy
+    script = runpy.run_path(str(ROOT / "scripts" / "radius_bound.py"), run_name="radius_bound")
+    assert script["main"]([str(runs[0]), "--n", "24", "--attacks", "5x1,20x3"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| PGD-")]
+    assert [r.split(" | ")[0] for r in rows] == ["| PGD-5x1", "| PGD-20x3"], out
+    assert rows[0].split(" | ")[3:6] == ["0.0%", "0.00", "0.00"]
+    assert "24 training images" in out
+    with pytest.raises(SystemExit) as exit_:
+        script["main"]([str(runs[0]), "--attacks", "20y3"])
+    assert exit_.value.code == 2
+    assert script["main"]([str(runs[0]) + "-missing"]) == 1
+    assert "radius_bound: error:" in capsys.readouterr().err

@@ -233,3 +233,17 @@ def test_a_val_size_that_cannot_be_held_out_is_a_one_line_error(tmp_path, n):
     r = run_cli("--epochs", 1, "--n-train", 300, "--val-size", n, "--out", tmp_path / "run")
     assert r.returncode == 1 and r.stderr.startswith("iaat: error: --val-size")
     assert r.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_normalisation_comes_from_the_images_trained_on_only():
+    """The model's Normalize statistics: every training image by default (unchanged), and
+    only those trained on with --n-train or --val-size, never the held-out ones."""
+    full = iaat.load_digits()
+    default = iaat.load_data(iaat.make_config("digits"), "cpu")
+    assert (default.mean, default.std) == (full.mean, full.std)
+    for overrides in (dict(val_size=200), dict(n_train=300), dict(n_train=300, val_size=60)):
+        data = iaat.load_data(iaat.make_config("digits", **overrides), "cpu")
+        pixels = data.train_x.double() / 255
+        assert data.mean == pytest.approx((pixels.mean().item(),), abs=1e-6)
+        assert data.std == pytest.approx((pixels.std().item(),), abs=1e-6)
+        assert abs(data.mean[0] - full.mean[0]) > 1e-5, overrides  # another set of images
