@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import math
 import shutil
 import sys
@@ -35,12 +34,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# the run machinery beside this file: process group, run folder files, SIGTERM, CPU threads
-from iaat_run import (TORCH_THREADS, CLIParser, Dist, IAATError, agreement, all_sum, any_process,
-                      atomic_write, changed_setting, claim_run_dir, config_dict, current_dist,
-                      global_totals, local_rank_zero_first, pick_device, process_group,
-                      read_checkpoint, read_metrics, same_everywhere, set_threads, sigterm_flag,
-                      stopped, write_eps_history, write_json, write_metrics)
+# below this file (none imports iaat): fp16 gradients, run plots, the run machinery (iaat_run)
+from iaat_fp16 import fp16_input_grad
+from iaat_plot import plot_run
+from iaat_run import (TORCH_THREADS, CLIParser, Dist, IAATError, add_dataclass_flags, agreement,
+                      all_sum, any_process, atomic_write, changed_setting, claim_run_dir,
+                      config_dict, current_dist, dataclass_values, global_totals,
+                      local_rank_zero_first, pick_device, process_group, read_checkpoint,
+                      read_metrics, same_everywhere, set_threads, sigterm_flag, stopped,
+                      write_eps_history, write_json, write_metrics)
 
 PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
 
@@ -101,7 +103,7 @@ class Config:
     split_seed: int = option(0, "seed of the fixed digits train/test split")
     n_train: Optional[int] = option(None, "use only the first N training images (quick tries)")
     label_noise: float = option(0.0, "fraction of training labels flipped to another class, "
-                                     "drawn with --seed (iaat_radius.flip_labels)")
+                                     "drawn with --seed (flip_labels)")
     val_size: int = option(0, "hold out N training images (stratified, fixed by --split-seed), "
                               "never trained on; each epoch's PGD accuracy on them picks best.pt "
                               "(0: none, the paper's protocol evaluates the last epoch)")
@@ -281,8 +283,7 @@ def load_data(cfg: Config, device) -> Data:
         data = hold_out(data, cfg.val_size, cfg.split_seed)
     if cfg.n_train is not None or cfg.val_size:  # normalise with the images trained on only
         data = dataclasses.replace(data, **dict(zip(("mean", "std"), channel_stats(data.train_x))))
-    if cfg.label_noise:
-        from iaat_radius import flip_labels  # the label-noise experiment, beside this file
+    if cfg.label_noise:  # the label-noise experiment of notebook 03
         data = dataclasses.replace(data, train_y=flip_labels(data.train_y, data.num_classes,
                                                              cfg.label_noise, cfg.seed))
     return data.to(device)
@@ -300,6 +301,17 @@ def hold_out(data: Data, n: int, split_seed: int) -> Data:
     keep, held = np.sort(keep), np.sort(held)
     return dataclasses.replace(data, train_x=data.train_x[keep], train_y=data.train_y[keep],
                                val_x=data.train_x[held], val_y=data.train_y[held])
+
+def flip_labels(y: torch.Tensor, num_classes: int, fraction: float, seed: int) -> torch.Tensor:
+    """A copy of `y` with round(fraction * len(y)) labels, drawn with `seed`, each replaced by
+    another class drawn uniformly (never its own). Drawn on the CPU: the same on any device."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(y)
+    idx = torch.randperm(n, generator=gen)[:round(fraction * n)]
+    shift = torch.randint(1, num_classes, (len(idx),), generator=gen)
+    out = y.cpu().clone()
+    out[idx] = (out[idx] + shift) % num_classes
+    return out.to(y.device)
 
 def to_float(x_u8: torch.Tensor) -> torch.Tensor:
     return x_u8.float().div_(255)
@@ -577,9 +589,7 @@ def attack_settings(cfg: Config, steps: Optional[int] = None) -> dict:
     step_rel * eps_i / k), or of another attack with `steps`; fp16: loss-scaled gradients."""
     steps = steps or cfg.attack_steps
     step = cfg.step_size if cfg.step_rel is None else lambda eps: cfg.step_rel * eps / steps
-    grad_fn = None
-    if cfg.amp == "fp16":
-        from iaat_fp16 import fp16_input_grad as grad_fn  # the fp16 extension, beside this file
+    grad_fn = fp16_input_grad if cfg.amp == "fp16" else None
     return {"steps": steps, "step_size": step, "grad_fn": grad_fn}
 
 def choose_epsilon(model, x, y, idx, mem: torch.Tensor, epoch: int, cfg: Config) -> torch.Tensor:
@@ -615,8 +625,9 @@ def training_inputs(model, x, y, eps: torch.Tensor, correct: torch.Tensor, cfg: 
 class TrainState:
     """Everything a run carries from step to step; a checkpoint holds all of it."""
     model: nn.Module      # the network; its state_dict is what checkpoints hold
-    attacked: nn.Module   # what the attacks call: the model, compiled with --compile
-    trained: nn.Module    # what the SGD step calls: DistributedDataParallel under torchrun
+    compiled: nn.Module   # torch.compile(model) with --compile, else the model: the attacks call it
+    ddp: nn.Module        # DistributedDataParallel(model) under torchrun (compiled with --compile),
+                          # else `compiled`: the SGD step calls it
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler  # fp16 only; disabled otherwise
@@ -629,16 +640,16 @@ def train_step(s: TrainState, x, y, idx, cfg: Config) -> dict:
     """One SGD step of IAAT (Alg 1), PGD-AT (everyone in S+ at eps_w) or clean training at
     epoch s.epoch, all under --amp's autocast; returns the step's sums as tensors."""
     with autocast(cfg, x.device):
-        correct = (clean_correct(s.attacked, x, y) if cfg.method == "iaat"
+        correct = (clean_correct(s.compiled, x, y) if cfg.method == "iaat"
                    else torch.ones_like(y, dtype=torch.bool))
         if cfg.method == "clean":
             eps, x_in = torch.zeros_like(s.mem[idx]), x
         else:
-            eps = (choose_epsilon(s.attacked, x, y, idx, s.mem, s.epoch, cfg)
+            eps = (choose_epsilon(s.compiled, x, y, idx, s.mem, s.epoch, cfg)
                    if cfg.method == "iaat" else torch.full_like(s.mem[idx], cfg.eps_w))
-            x_in = training_inputs(s.attacked, x, y, eps, correct, cfg)
-        s.attacked.train()
-        logits = s.trained(x_in)
+            x_in = training_inputs(s.compiled, x, y, eps, correct, cfg)
+        s.compiled.train()
+        logits = s.ddp(x_in)
         loss = F.cross_entropy(logits.float(), y)
     optimizer_step(s.opt, loss, s.scaler)
     with torch.no_grad():
@@ -671,17 +682,17 @@ def make_state(model: nn.Module, cfg: Config, n: int, opt=None, sched=None) -> T
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if uses_channels_last(cfg, device):
         model.to(memory_format=torch.channels_last)
-    attacked = trained = torch.compile(model, dynamic=True) if cfg.compile else model
+    compiled = ddp = torch.compile(model, dynamic=True) if cfg.compile else model
     if current_dist().world > 1:
-        trained = nn.parallel.DistributedDataParallel(
+        ddp = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-        trained = torch.compile(trained) if cfg.compile else trained
+        ddp = torch.compile(ddp) if cfg.compile else ddp
     if opt is None:
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.lr_milestones), cfg.lr_decay)
     eps_init = cfg.eps_w if cfg.eps_init is None else cfg.eps_init
-    return TrainState(model, attacked, trained, opt, sched,
+    return TrainState(model, compiled, ddp, opt, sched,
                       torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
                       torch.full((n,), eps_init, device=device),
                       torch.zeros(n, dtype=torch.int32, device=device))
@@ -807,7 +818,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
     if 0 < n % bs < d.world:
         raise IAATError(f"the last batch of each epoch ({n % bs} images) cannot be shared by "
                         f"{d.world} processes; choose another --batch-size")
-    saved = ckpt["config"].get("threads", TORCH_THREADS) if ckpt else None  # older runs: default
+    saved = ckpt["config"].get("threads", TORCH_THREADS) if ckpt else None  # none saved: default
     cfg = dataclasses.replace(cfg, threads=set_threads(cfg.threads, saved, log))
     torch.manual_seed(cfg.seed)
     s = make_state(build_model(cfg.model, data.num_classes, data.mean, data.std).to(device), cfg, n)
@@ -821,7 +832,7 @@ def train(cfg: Config, log: Callable[[str], None] = print) -> dict:
         gen = epoch_generator(cfg.seed, epoch, device)
         perm = torch.randperm(n, generator=gen, device=device)
         if d.rank > 0:
-            gen = epoch_generator(cfg.seed + 7919 * d.rank, epoch, device)
+            gen = epoch_generator(rank_seed(cfg.seed, d.rank), epoch, device)
         elif start:
             gen.set_state(ckpt["rng"]["data"])
 
@@ -855,66 +866,84 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
     """Alg 1 from s.epoch, s.step to cfg.epochs, on every process; returns (metrics rows, eps
     history). `batches(epoch, start)`: the epoch's (x, y, idx) from step `start`, and its data
     generator (saved mid-epoch); `totals`: the epoch's sums so far; `shard_size` >= each
-    process's images per step. An epoch ends with its metrics row (plus `epoch_eval()`), eps
-    history, checkpoint and plots. `on_step(s, sums)` runs after each step (ImageNet logs);
-    the LR steps per epoch, or per step with `lr_per_step` (ImageNet's warmup)."""
+    process's images per step. Each epoch: train, check (its metrics row, plus `epoch_eval()`),
+    log, write (eps history, metrics, plots, checkpoint), keep the best. `on_step(s, sums)` runs
+    after each step (ImageNet logs); the LR steps per epoch, or per step with `lr_per_step`."""
     from tqdm import tqdm  # the plain bar: silent outside a terminal, notebooks included
     d, device, ckpt_path = current_dist(), s.mem.device, out / "checkpoint.pt"
-    rows, history, lock = _open_folder(cfg, s, out, log, history_dtype)
+    if d.rank > 0:  # its own attack starts, drawn anew at each (re)start: ranks never share noise
+        torch.manual_seed(rank_seed(cfg.seed, d.rank) + 104729 * (s.epoch * 100_003 + s.step))
+    rows, history, lock = open_folder(cfg, s, out, log, history_dtype)
     totals = totals if d.main else {}  # the saved totals are counted on rank 0
+
+    def train_epoch(totals: dict, t0: float, sigterm) -> dict:
+        """Alg 1 on each batch of epoch s.epoch from step s.step; mid-epoch checkpoints every
+        --save-every steps, and on SIGTERM (saved, then SystemExit). The epoch's totals."""
+        sums = {k: torch.tensor(v, device=device) for k, v in totals.items() if k != "time"}
+        stream, gen = batches(s.epoch, s.step)
+        bar = tqdm(desc=f"epoch {s.epoch + 1}/{cfg.epochs}", total=steps_per_epoch,
+                   initial=s.step, leave=False, disable=None if d.main else True)
+        for x, y, idx in stream:
+            for k, v in train_step(s, x, y, idx, cfg).items():
+                sums[k] = sums.get(k, 0) + v
+            if lr_per_step:
+                s.sched.step()
+            if cfg.method == "iaat" and s.epoch >= cfg.warmup:
+                sync_memory(s.mem, s.visits, idx, shard_size)
+            s.step += 1
+            bar.update()
+            if on_step is not None:
+                on_step(s, sums)
+            stop = any_process(sigterm.requested, device)
+            if s.step < steps_per_epoch and (
+                    stop or (cfg.save_every and s.step % cfg.save_every == 0)):
+                totals = reduce_and_check_totals(sums, s, ckpt_path)
+                if d.main:
+                    save_checkpoint(ckpt_path, cfg, s, dict(totals, time=time.time() - t0), gen)
+                if stop:
+                    raise SystemExit(stopped(s.epoch, s.step, out, log))
+        bar.close()
+        return reduce_and_check_totals(sums, s, ckpt_path)
+
     with sigterm_flag() as sigterm, lock or nullcontext():  # the lock is a file: closed after
         while s.epoch < cfg.epochs:
             t0 = time.time() - totals.get("time", 0.0)
-            sums = {k: torch.tensor(v, device=device) for k, v in totals.items() if k != "time"}
-            stream, gen = batches(s.epoch, s.step)
-            bar = tqdm(desc=f"epoch {s.epoch + 1}/{cfg.epochs}", total=steps_per_epoch,
-                       initial=s.step, leave=False, disable=None if d.main else True)
-            for x, y, idx in stream:
-                for k, v in train_step(s, x, y, idx, cfg).items():
-                    sums[k] = sums.get(k, 0) + v
-                if lr_per_step:
-                    s.sched.step()
-                if cfg.method == "iaat" and s.epoch >= cfg.warmup:
-                    sync_memory(s.mem, s.visits, idx, shard_size)
-                s.step += 1
-                bar.update()
-                if on_step is not None:
-                    on_step(s, sums)
-                stop = any_process(sigterm.requested, device)
-                if s.step < steps_per_epoch and (
-                        stop or (cfg.save_every and s.step % cfg.save_every == 0)):
-                    totals = finite_totals(sums, s, ckpt_path)
-                    if d.main:
-                        save_checkpoint(ckpt_path, cfg, s, dict(totals, time=time.time() - t0), gen)
-                    if stop:
-                        raise SystemExit(stopped(s.epoch, s.step, out, log))
-            bar.close()
-            totals = finite_totals(sums, s, ckpt_path)
+            totals = train_epoch(totals, t0, sigterm)                       # train
             if not lr_per_step:
                 s.sched.step()
             s.epoch, s.step = s.epoch + 1, 0
             sync_buffers(s.model)
             if cfg.method != "iaat":  # the radius each image was trained at, for the history
                 s.mem.fill_(cfg.eps_w if cfg.method == "at" else 0.0)
-            rows.append(epoch_row(s, totals, time.time() - t0, epoch_eval))
+            rows.append(epoch_row(s, totals, time.time() - t0, epoch_eval))  # check
             totals = {}
-            log(format_row(rows[-1], cfg))
-            history = _save_epoch(cfg, s, out, rows, history) if d.main else history
+            log(format_row(rows[-1], cfg))                                  # log
+            if d.main:                                                      # write, keep best
+                history = np.concatenate([history, s.mem.cpu().numpy()[None].astype(history.dtype)])
+                write_eps_history(out / "eps_history.npy", history)
+                write_metrics(out / "metrics.jsonl", rows)
+                if s.epoch == cfg.epochs or (cfg.plot_every and s.epoch % cfg.plot_every == 0):
+                    plot_run(out, rows, history, cfg.warmup)  # curves, eps_hist, eps_mean.png
+                save_checkpoint(ckpt_path, cfg, s, {})
+                keep_best(out, rows)
             if any_process(sigterm.requested, device):
                 raise SystemExit(stopped(s.epoch, s.step, out, log))
     return rows, history
 
-def _open_folder(cfg: Config, s: TrainState, out: Path, log, history_dtype) -> tuple:
-    """Before the first step: every process agrees where it resumes (and seeds its own attack
-    starts); then rank 0 claims the folder. Returns the metrics rows, eps history and lock."""
+def rank_seed(seed: int, rank: int) -> int:  # primes: no two ranks, epochs or steps share a seed
+    """The seed of rank > 0's augmentation; its attack starts add the (re)start's epoch and step."""
+    return seed + 7919 * rank
+
+def open_folder(cfg: Config, s: TrainState, out: Path, log, history_dtype) -> tuple:
+    """Before the first step: every process agrees where it resumes; then rank 0 claims the
+    folder (a lock) and keeps the best checkpoint right. Returns the metrics rows, eps history
+    and the lock."""
     d, fresh = current_dist(), (s.epoch, s.step) == (0, 0)
     history = np.zeros((0, len(s.mem)), history_dtype)
     if not fresh:
         if d.main and (out / "eps_history.npy").exists():
             history = np.load(out / "eps_history.npy")[:s.epoch]
         log(f"resuming {out} at epoch {s.epoch} step {s.step}")
-    if d.rank > 0:
-        torch.manual_seed(cfg.seed + 7919 * d.rank + 104729 * (s.epoch * 100_003 + s.step))
     same_everywhere((s.epoch, s.step), "the epoch and step to resume at")
     lock = claim_run_dir(out, s.mem.device)
     if fresh and d.main:
@@ -923,18 +952,6 @@ def _open_folder(cfg: Config, s: TrainState, out: Path, log, history_dtype) -> t
     if d.main and s.step == 0:  # at an epoch's end, a kill may have come before best.pt
         keep_best(out, rows)
     return rows, history, lock
-
-def _save_epoch(cfg: Config, s: TrainState, out: Path, rows: list, history) -> np.ndarray:
-    """Rank 0, after each epoch: the eps history, the metrics, the checkpoint, the plots."""
-    history = np.concatenate([history, s.mem.cpu().numpy()[None].astype(history.dtype)])
-    write_eps_history(out / "eps_history.npy", history)
-    write_metrics(out / "metrics.jsonl", rows)
-    if s.epoch == cfg.epochs or (cfg.plot_every and s.epoch % cfg.plot_every == 0):
-        import iaat_eval  # curves.png, eps_hist.png, eps_mean.png: matplotlib, beside this file
-        iaat_eval.plot_run(out, rows, history, cfg.warmup)
-    save_checkpoint(out / "checkpoint.pt", cfg, s, {})
-    keep_best(out, rows)
-    return history
 
 def best_row(rows: list) -> dict:
     """--val-size: the metrics row of the first epoch with the best held-out PGD accuracy."""
@@ -946,8 +963,8 @@ def keep_best(out: Path, rows: list) -> None:
     if rows and best_row(rows) is rows[-1]:
         atomic_write(out / "best.pt", lambda p: shutil.copyfile(out / "checkpoint.pt", p))
 
-def finite_totals(sums: dict, s: TrainState, ckpt_path: Path) -> dict:
-    """The epoch's sums over all processes; IAATError before a non-finite loss or weight reaches
+def reduce_and_check_totals(sums: dict, s: TrainState, ckpt_path: Path) -> dict:
+    """The epoch's sums, all-reduced over the processes; IAATError before a non-finite loss or weight reaches
     a checkpoint (the last good one stays)."""
     totals = global_totals(sums)
     if not (math.isfinite(totals["loss"]) and all(bool(torch.isfinite(p).all())
@@ -980,24 +997,24 @@ def format_row(r: dict, cfg: Config) -> str:
 def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
              step_size: float, restarts: int = 1, batch_size: int = 500,
              distributed: bool = False) -> dict:
-    """Natural and PGD accuracy, in eval mode and FP32. With `distributed` (every process of a
-    torchrun job must call it then), each process takes a shard of the examples and the
-    correct counts are summed over processes: exact, never a mean of per-process means."""
+    """Natural and PGD accuracy (robust: correct clean and attacked), eval mode, FP32. With
+    `distributed` (every process of a torchrun job must call it then), each process takes a shard
+    of the examples and the counts are summed over processes, never a mean of per-process means."""
     mine = shard(torch.arange(len(y), device=y.device), current_dist() if distributed else Dist())
     counts = torch.zeros(2, device=y.device)  # correct clean, correct under attack
     with model_mode(model, False):
         for batch in mine.split(batch_size):
             x, t = to_float(x_u8[batch]), y[batch]
             with torch.no_grad():
-                counts[0] += (model(x).argmax(1) == t).sum()
+                ok = model(x).argmax(1) == t  # robust: correct clean and under the attack
             x_adv = pgd_attack(model, x, t, eps, steps=steps, step_size=step_size,
                                restarts=restarts)
             with torch.no_grad():
-                counts[1] += (model(x_adv).argmax(1) == t).sum()
+                counts += torch.stack([ok.sum(), (ok & (model(x_adv).argmax(1) == t)).sum()])
     clean, robust = (all_sum(counts) if distributed else counts).tolist()
     return {"clean": clean / len(y), "robust": robust / len(y)}
 
-def same_state(s: TrainState) -> tuple:
+def state_hashes(s: TrainState) -> tuple:
     """SHA-1s of every process's eps memory and model; IAATError if the processes differ."""
     return agreement({"eps memories": [s.mem],
                       "models (weights and BN statistics)": s.model.state_dict().values()})
@@ -1008,7 +1025,7 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, log) -
     was selected once per epoch after warmup."""
     acc = evaluate(s.model, data.test_x, data.test_y, eps=cfg.eps_test, steps=cfg.eval_steps,
                    step_size=cfg.eval_step_size, batch_size=cfg.eval_batch, distributed=True)
-    mems, models = same_state(s)
+    mems, models = state_hashes(s)
     best = best_row(rows)
     expected = max(0, rows[-1]["epoch"] - cfg.warmup) if cfg.method == "iaat" and rows else 0
     if rows and not bool((s.visits == expected).all()):
@@ -1039,31 +1056,8 @@ def add_config_flags(p: argparse.ArgumentParser, cls=Config, presets=PRESETS, sk
                      choices=None, aliases=None) -> None:
     """One flag per field of `cls` (Config or a subclass), its help with unit, paper source and
     default (the preset's, where one sets it); a flag not given stays None (the preset decides)."""
-    choices, aliases = {**CHOICES, **(choices or {})}, {"eps_w": ["--eps"], **(aliases or {})}
-    for f in (f for f in dataclasses.fields(cls) if f.name not in skip):
-        unit, show = f.metadata["unit"], lambda v: cli_value(f.name, v, bool(f.metadata["unit"]))
-        per = ", ".join(f"{k} {show(p[f.name])}" for k, p in presets.items() if f.name in p)
-        kw = dict(dest=f.name, default=None, help=f"{f.metadata['help']} [{'x/255; ' if unit else ''}"
-                  f"default: {show(f.default)}{'; presets: ' + per if per else ''}]")
-        names = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, [])]
-        if f.type == "bool":
-            p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
-        elif "tuple" in f.type:
-            p.add_argument(*names, type=float if unit else int, nargs="*",
-                           metavar="EPS" if unit else "EPOCH", **kw)
-        else:
-            p.add_argument(*names, type=int if "int" in f.type else float if "float" in f.type
-                           else str, choices=choices.get(f.name), **kw)
-
-def config_values(args: argparse.Namespace, cls=Config) -> dict:
-    """The flags as config values: /255 units divided, lists as tuples, None where not given."""
-    values = {}
-    for name, value in vars(args).items():
-        value = tuple(value) if isinstance(value, list) else value
-        if value is not None and cls.__dataclass_fields__[name].metadata["unit"]:
-            value = tuple(v / PIXEL for v in value) if isinstance(value, tuple) else value / PIXEL
-        values[name] = value
-    return values
+    add_dataclass_flags(p, cls, presets, cli_value, skip=skip, choices={**CHOICES, **(choices or {})},
+                        aliases={"eps_w": ["--eps"], **(aliases or {})})
 
 def config_from_args(argv) -> Config:
     """The Config of `python iaat.py ARGV`; the CLI is built from Config, a flag per field."""
@@ -1075,7 +1069,7 @@ def config_from_args(argv) -> Config:
                               "trained run with the paper's protocol: iaat eval RUN_DIR (see iaat "
                               "eval --help)")
     add_config_flags(parser)
-    values = config_values(parser.parse_args(argv))
+    values = dataclass_values(parser.parse_args(argv), Config, PIXEL)  # /255 flags divided
     return make_config(values.pop("dataset") or "digits", values.pop("model"), **values)
 
 def main(argv=None) -> int:
@@ -1083,9 +1077,12 @@ def main(argv=None) -> int:
     `python iaat.py eval RUN_DIR [flags]`: the paper's evaluation protocol on a trained run;
     `python iaat.py rank RUN_DIR`: its training images by final radius, as a CSV."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    tools = {"eval": "iaat_eval", "rank": "iaat_radius"}  # the modules beside this file
-    if argv[:1] and argv[0] in tools:
-        return importlib.import_module(tools[argv[0]]).main(argv[1:])
+    if argv[:1] == ["eval"]:  # the only imports from modules above this file
+        import iaat_eval
+        return iaat_eval.main(argv[1:])
+    if argv[:1] == ["rank"]:
+        import iaat_radius
+        return iaat_radius.main(argv[1:])
     try:
         cfg = config_from_args(argv)
         with process_group(pick_device(cfg.device)):

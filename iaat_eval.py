@@ -11,22 +11,20 @@ or from Python, with keyword arguments in pixel units ([0,1]):
 
 White-box PGD (10x5, 100x5, 1000x2; each sample's worst case over restarts), transfer from an
 independently trained surrogate, CIFAR-10-C corruptions (and ImageNet-C mCE), DeepFool,
-MI-FGSM and CW40 (from torchattacks), standard AutoAttack (the reference implementation,
-pyautoattack), the test-eps sweep (Fig 4) and the PGD-steps sweep (Fig 9). Every robust
-accuracy counts an image only if it is classified correctly clean and under the attack.
-Always FP32, model in eval mode. Also the run's training plots (curves, eps).
-This module imports iaat; iaat.py imports it only when it evaluates or plots.
+MI-FGSM and CW40 (from torchattacks), standard AutoAttack (iaat_autoattack: the reference
+implementation, pyautoattack), the test-eps sweep (Fig 4) and the PGD-steps sweep (Fig 9).
+Every robust accuracy counts an image only if it is classified correctly clean and under the
+attack. Always FP32, model in eval mode. The tables, sanity flags and sweep plots of the
+results are iaat_report's. Imports run one way: iaat_run <- iaat <- iaat_autoattack,
+iaat_report <- this module; iaat.py imports it only inside main, for `iaat eval`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import logging
 import math
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,16 +33,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import iaat
-import iaat_run
-from iaat import (PIXEL, Config, IAATError, CLIParser, Step, atomic_write, ball, build_model,
-                  clean_correct, input_grad, load_data, model_mode, per_sample, pgd_attack,
-                  pgd_fooled, pick_device, read_checkpoint, step_per_sample, to_float,
-                  uniform_start, write_json)
+from iaat import (PIXEL, Config, Step, ball, build_model, clean_correct, input_grad, load_data,
+                  model_mode, per_sample, pgd_attack, pgd_fooled, step_per_sample, to_float,
+                  uniform_start)
+from iaat_autoattack import (AUTOATTACK_BATCH, AUTOATTACK_PARTS, AUTOATTACK_STAGES,
+                             autoattack_correct)
+from iaat_report import (eval_table, flag_notes, pgd_name, plot_sweeps, sanity_flags, stage_notes,
+                         sweep_tables)
+from iaat_run import (CLIParser, IAATError, atomic_write, choose_threads, pick_device,
+                      read_checkpoint, write_json)
 
 
 # ============================================================================================
-# Attacks and accuracies: white-box PGD, transfer, Table 3's attacks, corruptions and mCE
+# Attacks and accuracies: white-box PGD, the steps sweep, transfer, Table 3's attacks
 # ============================================================================================
 
 def take(v, idx: torch.Tensor):
@@ -187,153 +188,8 @@ def library_correct(attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 
 # ============================================================================================
-# AutoAttack (Croce & Hein 2020), standard version, from the reference implementation
+# Corruptions: accuracy on CIFAR-10-C's files, and ImageNet-C's mCE
 # ============================================================================================
-
-# The stages of standard AutoAttack in the order it runs them (reference name -> title), and
-# the parts of `iaat eval` that run them: `apgd` is the cheap quick look (its first two).
-AUTOATTACK_STAGES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T",
-                     "square": "Square"}
-AUTOATTACK_PARTS = {"autoattack": tuple(AUTOATTACK_STAGES), "apgd": ("apgd-ce", "apgd-t")}
-# The batch of the reference's run_standard_evaluation (its `bs`). The result depends on it
-# (each batch draws its own random starts); at the same batch and seed it is the reference's.
-AUTOATTACK_BATCH = 250
-
-
-def reference_autoattack(model: nn.Module, *, eps: float, seed: int = 0):
-    """The reference AutoAttack (fra31/auto-attack, packaged on PyPI as pyautoattack), standard
-    version, L-inf: APGD-CE (100 iterations, 1 restart), APGD-T (100 iterations, the 9 most
-    likely other classes), FAB-T (9 targets), Square (5000 queries). Its own settings, also on
-    CIFAR-100; the model takes images in [0,1] (iaat's models normalise inside)."""
-    try:
-        from pyautoattack import AutoAttack
-    except ImportError:
-        raise IAATError("the autoattack and apgd parts need the reference AutoAttack: "
-                        "pip install pyautoattack (in requirements.txt)") from None
-    device = next(model.parameters()).device
-    return AutoAttack(model, norm="Linf", eps=float(eps), version="standard", seed=seed,
-                      device=device)
-
-
-def autoattack_settings(aa) -> dict:
-    """The settings each stage of a reference AutoAttack object will run with, read from it."""
-    return {"apgd-ce": {"n_iter": aa.apgd.n_iter, "n_restarts": aa.apgd.n_restarts},
-            "apgd-t": {"n_iter": aa.apgd_targeted.n_iter, "n_restarts": aa.apgd_targeted.n_restarts,
-                       "n_target_classes": aa.apgd_targeted.n_target_classes},
-            "fab-t": {"n_iter": aa.fab.n_iter, "n_restarts": aa.fab.n_restarts,  # 1 once run
-                      "n_target_classes": aa.fab.n_target_classes},
-            "square": {"n_queries": aa.square.n_queries, "p_init": aa.square.p_init}}
-
-
-def _autoattack_stage(aa, stage: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One stage on one batch, set up exactly as AutoAttack.run_standard_evaluation does."""
-    if stage == "apgd-ce":
-        aa.apgd.loss, aa.apgd.seed = "ce", aa.get_seed()
-        return aa.apgd.perturb(x, y)
-    if stage == "apgd-t":
-        aa.apgd_targeted.seed = aa.get_seed()
-        return aa.apgd_targeted.perturb(x, y)
-    if stage == "fab-t":
-        aa.fab.targeted, aa.fab.n_restarts, aa.fab.seed = True, 1, aa.get_seed()
-        return aa.fab.perturb(x, y)
-    if stage == "square":
-        aa.square.seed = aa.get_seed()
-        return aa.square.perturb(x, y)
-    raise ValueError(f"unknown AutoAttack stage {stage!r}; choose from "
-                     f"{', '.join(AUTOATTACK_STAGES)}")
-
-
-@contextmanager
-def _frozen(model: nn.Module):
-    """Parameters without requires_grad for a block: FAB's .backward() fills no parameter .grad
-    (and computes none); the input gradient is unchanged."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-class _Warnings(logging.Handler):
-    """Collects the reference's warnings (its checks for gradient masking and the like)."""
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.seen = {}
-
-    def emit(self, record):
-        msg = record.getMessage()
-        self.seen[msg] = self.seen.get(msg, 0) + 1
-
-
-def autoattack_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: float,
-                       seed: int = 0, stages=tuple(AUTOATTACK_STAGES),
-                       batch_size: int = AUTOATTACK_BATCH,
-                       info: Optional[dict] = None) -> torch.Tensor:
-    """(len(stages), B) bool: correct after each stage of standard AutoAttack, cumulatively
-    (row s: not broken by stages 0..s), as the reference reports its robust accuracy.
-
-    The reference's own attack objects and settings (reference_autoattack) and the loop of its
-    run_standard_evaluation: each stage attacks the images still standing, in batches of
-    `batch_size`, and so do its checks (randomised or dynamic model, logits, number of
-    classes, zero gradients, Square). With the same seed and batch size the result is the
-    reference's run_standard_evaluation(x, y, bs=batch_size), image by image; the default is
-    the reference's own default, 250 (another size draws other random starts). Only all four
-    stages are AutoAttack; fewer are recorded as such in `info`. x_u8: uint8 images,
-    converted per batch. Eval mode, FP32. `info`, if given, receives the settings, the
-    warnings, the largest L-inf perturbation and the seconds of each stage."""
-    from pyautoattack import checks
-    stages = tuple(stages)
-    unknown = set(stages) - set(AUTOATTACK_STAGES)
-    if unknown:
-        raise ValueError(f"unknown AutoAttack stages {sorted(unknown)}")
-    warned = _Warnings()
-    with model_mode(model, False), _frozen(model), torch.autocast(y.device.type, enabled=False):
-        aa = reference_autoattack(model, eps=eps, seed=seed)
-        aa.logger.addHandler(warned)  # also keeps them off stderr (logging's last resort)
-        try:
-            first = to_float(x_u8[:batch_size])
-            checks.check_randomized(aa.get_logits, first, y[:batch_size], bs=batch_size,
-                                    logger=aa.logger)
-            n_cls = checks.check_range_output(aa.get_logits, first, logger=aa.logger)
-            tracer = sys.gettrace()  # check_dynamic sets a tracer and clears it (a debugger's too)
-            checks.check_dynamic(model, first, False, logger=aa.logger)
-            sys.settrace(tracer)
-            checks.check_n_classes(n_cls, list(stages), aa.apgd_targeted.n_target_classes,
-                                   aa.fab.n_target_classes, logger=aa.logger)
-            rows, worst_linf, seconds = [], 0.0, {}
-            with torch.no_grad():
-                ok = torch.cat([model(to_float(x_u8[i])).argmax(1) == y[i]
-                                for i in torch.arange(len(y), device=y.device).split(batch_size)])
-                clean = ok.float().mean().item()
-                for stage in stages:
-                    t0 = time.time()
-                    left = ok.nonzero().flatten()  # none left: no batch, as in the reference
-                    for i in left.split(batch_size) if len(left) else ():
-                        x = to_float(x_u8[i])
-                        x_adv = _autoattack_stage(aa, stage, x, y[i])
-                        fooled = model(x_adv).argmax(1) != y[i]
-                        ok[i[fooled]] = False
-                        worst_linf = max(worst_linf, (x_adv - x).abs().max().item())
-                    rows.append(ok.clone())
-                    seconds[stage] = round(time.time() - t0, 1)
-            accs = {s: r.float().mean().item() for s, r in zip(stages, rows)}
-            checks.check_square_sr({"clean": clean, **accs}, logger=aa.logger)
-        finally:
-            aa.logger.removeHandler(warned)
-    if info is not None:
-        from importlib.metadata import version
-        full = stages == tuple(AUTOATTACK_STAGES)  # only all four stages are AutoAttack
-        info.update(package=f"pyautoattack {version('pyautoattack')}",
-                    version="standard" if full else "standard stages only: " + ", ".join(stages),
-                    norm="Linf", seed=seed, batch_size=batch_size,
-                    settings={s: autoattack_settings(aa)[s] for s in stages},
-                    max_linf_255=worst_linf * PIXEL, seconds=seconds,
-                    warnings=[f"{m} (x{n})" if n > 1 else m for m, n in warned.seen.items()])
-    return torch.stack(rows)
-
 
 # The 19 corruptions of CIFAR-10-C / CIFAR-100-C (Hendrycks & Dietterich 2019). The first 15
 # are ImageNet-C's, scored by mCE against AlexNet's top-1 errors (mean over the 5 severities,
@@ -385,6 +241,9 @@ def mean_corruption_error(errors: dict, baseline: Optional[dict] = None) -> tupl
     return float(np.mean(list(ce.values()))), ce
 
 
+# ============================================================================================
+# The protocol's settings, and the run folders it reads
+# ============================================================================================
 
 # Table 1's protocol at 8/255 (paper Sec 4), and the same counts at the digits radius. Sweeps:
 # test eps for Fig 4 (PGD-100 with step min(step, eps/4)), PGD iterations for Fig 9.
@@ -467,6 +326,10 @@ def test_subset(n: int, n_examples: Optional[int], seed: int, device) -> torch.T
     return torch.randperm(n, generator=gen)[:n_examples].sort().values.to(device)
 
 
+# ============================================================================================
+# The protocol: every part on one set of test images
+# ============================================================================================
+
 def _batched(fn, x_u8, y, batch_size: int, desc: str) -> torch.Tensor:
     """fn(x, y, idx) -> bool (..., B) over batches of the examples (idx: their positions),
     concatenated; with a progress bar on a terminal."""
@@ -474,10 +337,6 @@ def _batched(fn, x_u8, y, batch_size: int, desc: str) -> torch.Tensor:
     batches = torch.arange(len(y), device=y.device).split(batch_size)
     return torch.cat([fn(to_float(x_u8[i]), y[i], i)
                       for i in tqdm(batches, desc=desc, leave=False, disable=None)], dim=-1)
-
-
-def _name(steps: int, restarts: int) -> str:
-    return f"PGD-{steps}x{restarts}"
 
 
 def run_evaluation(model, x_u8, y, *, ev: dict, num_classes: int, surrogate=None,
@@ -520,16 +379,16 @@ def _run_parts(model, x_u8, y, ev, num_classes, surrogate, corruptions, target, 
     if "whitebox" in parts:
         res["whitebox"] = {}
         for k, r in ev["whitebox"]:
-            ok = timed(_name(k, r), lambda: batched(
+            ok = timed(pgd_name(k, r), lambda: batched(
                 lambda x, t, i: attack_correct(model, x, t, eps=eps, steps=k, step_size=step,
                                                restarts=r, target=None if target is None
-                                               else target[i]), _name(k, r)))
-            res["whitebox"][_name(k, r)], worst = ok.float().mean().item(), worst & ok
+                                               else target[i]), pgd_name(k, r)))
+            res["whitebox"][pgd_name(k, r)], worst = ok.float().mean().item(), worst & ok
     if "transfer" in parts:
         k, r = ev["transfer"]
         ok = timed("transfer", lambda: batched(lambda x, t, _: transfer_correct(
             model, surrogate, x, t, eps=eps, steps=k, step_size=step, restarts=r),
-            f"transfer {_name(k, r)}"))
+            f"transfer {pgd_name(k, r)}"))
         res["transfer"] = ok.float().mean().item()
     for name in LIBRARY_ATTACKS:
         if name in parts:
@@ -560,7 +419,7 @@ def _run_parts(model, x_u8, y, ev, num_classes, surrogate, corruptions, target, 
                                                step_size=min(step, e / 4)),
                 f"eps sweep {e * PIXEL:g}/255"))
             accs.append(ok.float().mean().item())
-        res["eps_sweep"] = {"attack": _name(k, r), "eps_255": [e * PIXEL for e in ev["eps_sweep"]],
+        res["eps_sweep"] = {"attack": pgd_name(k, r), "eps_255": [e * PIXEL for e in ev["eps_sweep"]],
                             "acc": accs}
     if "steps_sweep" in parts:
         ok = timed("steps_sweep", lambda: batched(
@@ -598,254 +457,6 @@ def corruption_accuracy(model, root: Path, ev: dict, shape, num_classes: int) ->
             accs.append(ok.float().mean().item())
         per[name] = accs
     return {"mean": float(np.mean([a for v in per.values() for a in v])), "per_corruption": per}
-
-
-# the columns of paper Tables 1 and 3 after natural and the white-box PGD rows: (key, title)
-TABLE_COLUMNS = (("transfer", "transfer"), ("corruptions", "corruption"), ("deepfool", "DeepFool"),
-                 ("mifgsm", "MI-FGSM"), ("cw40", "CW40"), ("apgd", "APGD-CE+T"),
-                 ("autoattack", "AutoAttack"), ("worst_case", "worst case"))
-
-
-def _stage_cells(r: dict, key: str, title: str) -> dict:
-    """The robust accuracy after each stage but the last (the reference's report), then the part's
-    own column. An eval.json written before the reference AutoAttack holds torchattacks' weaker
-    10-iteration version, and says so in its title."""
-    if key == "autoattack" and f"{key}_details" not in r:
-        return {"AutoAttack (torchattacks, 10 iterations)": r[key]}
-    stages = list(r.get(f"{key}_stages", {}).items())[:-1]
-    prefix = "AA after " if key == "autoattack" else ""
-    return {**{prefix + t: v for t, v in stages}, title: r[key]}
-
-
-def table_cells(r: dict) -> dict:
-    """Column title -> accuracy in % of one evaluation result, in the order of Tables 1 and 3."""
-    cells = {"natural": r["natural"], **r.get("whitebox", {})}
-    for key, title in TABLE_COLUMNS:
-        if key in AUTOATTACK_PARTS and key in r:
-            cells.update(_stage_cells(r, key, title))
-        elif key in r:
-            cells[title] = r[key]["mean"] if isinstance(r[key], dict) else r[key]
-    return {k: 100 * v for k, v in cells.items()}
-
-
-def eval_table(rows: list) -> str:
-    """Markdown: one row per evaluated run, the columns that ran, and the sanity flags raised."""
-    titles = list(dict.fromkeys(t for r in rows for t in table_cells(r)))
-    flags = any("flags" in r for r in rows)
-    lines = ["| run | " + " | ".join(titles) + (" | flags |" if flags else " |"),
-             "|" + " --- |" * (len(titles) + 1 + flags)]
-    for r in rows:
-        cells = table_cells(r)
-        lines.append(f"| {r['label']} | " + " | ".join(
-            f"{cells[t]:.2f}" if t in cells else "-" for t in titles) + " |" + (
-            f" {', '.join(f['flag'] for f in r.get('flags', [])) or 'none'} |" if flags else ""))
-    return "\n".join(lines)
-
-
-def stage_notes(r: dict) -> str:
-    """What the AutoAttack columns are, under the table."""
-    out = []
-    if "autoattack_details" in r:
-        d = r["autoattack_details"]
-        out.append(f"AutoAttack: standard version of the reference implementation "
-                   f"({d['package']}), L-inf; 'AA after X' is its robust accuracy after its "
-                   "attacks up to X, run in turn on the images still standing (APGD-CE, APGD-T, "
-                   "FAB-T, Square); the AutoAttack column is after all four.")
-    if "apgd_details" in r:
-        out.append("APGD-CE+T: the first two attacks of standard AutoAttack only (a quick look, "
-                   "not AutoAttack): APGD-CE then APGD-T, 100 iterations each.")
-    return "\n".join(out)
-
-
-# ---------------------------------------------------------------- sanity flags
-
-# What each flag means and what to try (Carlini et al. 2019, "On evaluating adversarial
-# robustness"; Croce & Hein 2020, and the reference's own checks, flags_doc.md).
-FLAGS = {
-    "transfer_beats_whitebox": (
-        "images crafted on another model fool this one more often than white-box PGD on this "
-        "model itself: its gradients mislead the attack (gradient masking), so the white-box "
-        "numbers overstate robustness",
-        "trust the lower number; run autoattack (its Square stage needs no gradients); look for "
-        "non-differentiable or saturating layers and attack through a smooth approximation (BPDA)"),
-    "square_beats_gradient_attacks": (
-        "Square, a black-box attack, breaks images that APGD-CE, APGD-T and FAB-T left standing: "
-        "the gradient attacks are being misled (gradient masking)",
-        "trust AutoAttack's final number, not the PGD ones; run Square with more queries and "
-        "restarts, or an adaptive attack (Tramer et al. 2020)"),
-    "eps_sweep_rises": (
-        "accuracy rises as the test radius grows, although every image inside a small ball is "
-        "also inside the larger one: the attack fails at large radii (masking, or a step size "
-        "that does not fit the radius)",
-        "check the sweep's step size, run more steps and restarts at the large radii"),
-    "eps_sweep_does_not_fall": (
-        "accuracy does not fall towards 0 as the test radius grows: at twice the evaluation "
-        "radius an attack should break most images, and it breaks fewer than half of those the "
-        "model classifies correctly (a sign of gradient masking)",
-        "extend the sweep to larger radii; try a gradient-free attack (Square, in autoattack) "
-        "or a transfer attack at the largest radius"),
-    "autoattack_above_pgd": (
-        "AutoAttack leaves more images standing than our PGD: the stronger attack should be at "
-        "most PGD's accuracy; the model may be randomised, output probabilities instead of "
-        "logits, or its loss surface may defeat APGD's step-size rule",
-        "read the reference's warnings in the JSON (autoattack_details.warnings); for a "
-        "randomised model use version='rand' (EOT); report the lower number"),
-    "apgd_above_pgd": (
-        "APGD-CE+T (the first two attacks of standard AutoAttack, not AutoAttack) leaves more "
-        "images standing than our PGD: the model may be randomised, output probabilities "
-        "instead of logits, or its loss surface may defeat APGD's step-size rule",
-        "read the reference's warnings in the JSON (apgd_details.warnings); run the full "
-        "autoattack part; report the lower number"),
-    "attack_not_converged": (
-        "a stronger setting of the same attack (tenfold the steps, or more restarts) still "
-        "lowers accuracy a lot: the attack has not converged and the reported accuracy is an "
-        "overestimate",
-        "run more steps and restarts until accuracy stops falling (the steps sweep shows where); "
-        "report the strongest result"),
-    "autoattack_warning": (
-        "the reference AutoAttack's own checks warned (its flags_doc.md): e.g. a randomised or "
-        "dynamic model, outputs that look like probabilities, or inputs with zero gradient",
-        "read the warning in the JSON (autoattack_details.warnings) and follow flags_doc.md of "
-        "fra31/auto-attack"),
-    "apgd_warning": (
-        "the reference's own checks warned while running APGD-CE+T (its flags_doc.md): e.g. a "
-        "randomised or dynamic model, outputs that look like probabilities, or inputs with "
-        "zero gradient",
-        "read the warning in the JSON (apgd_details.warnings) and follow flags_doc.md of "
-        "fra31/auto-attack"),
-}
-
-
-def sanity_flags(r: dict) -> list:
-    """The signs of gradient masking or of an unconverged attack in one evaluation result (a
-    pure function of the results dict, as in eval.json). Each flag: {"flag", "evidence",
-    "meaning", "try"}. Differences count only above the noise: max(2 images, 1 point).
-
-    - transfer_beats_whitebox: transfer below the strongest white-box PGD (untargeted only);
-    - square_beats_gradient_attacks: AutoAttack's Square stage lowers its accuracy further;
-    - eps_sweep_rises: accuracy higher at a larger test radius;
-    - eps_sweep_does_not_fall: at the largest radius (at least twice the evaluation radius)
-      accuracy above half the natural accuracy;
-    - autoattack_above_pgd, apgd_above_pgd: AutoAttack, or APGD-CE+T (its first two attacks
-      only, never called AutoAttack), above the strongest white-box PGD;
-    - attack_not_converged: among the PGD runs with at least a tenth of the most steps any ran
-      (the last tenfold of the effort), one with at least as many steps and restarts as another
-      below it by more than max(2 points, 10% of the weaker's accuracy); the steps sweep
-      counts as PGD-k x 1;
-    - autoattack_warning, apgd_warning: the reference's own checks warned in that part."""
-    n = r.get("n_examples") or 0
-    tol = max(2 / n if n else 0.0, 0.01)
-    out = []
-
-    def flag(name, evidence):
-        out.append({"flag": name, "evidence": evidence, "meaning": FLAGS[name][0],
-                    "try": FLAGS[name][1]})
-
-    pct = lambda v: f"{100 * v:.2f}%"
-    white = r.get("whitebox", {})
-    strongest = min(white.items(), key=lambda kv: kv[1]) if white else None
-    if strongest and "transfer" in r and r.get("targeted", "none") == "none" and \
-            r["transfer"] < strongest[1] - tol:
-        flag("transfer_beats_whitebox", f"transfer {pct(r['transfer'])} < {strongest[0]} "
-             f"{pct(strongest[1])}")
-    stages = r.get("autoattack_stages", {})
-    if "Square" in stages and len(stages) > 1:
-        before = list(stages.values())[-2]
-        if stages["Square"] < before - tol:
-            flag("square_beats_gradient_attacks", f"after FAB-T {pct(before)}, after Square "
-                 f"{pct(stages['Square'])}")
-    if "eps_sweep" in r:
-        eps, acc = r["eps_sweep"]["eps_255"], r["eps_sweep"]["acc"]
-        order = sorted(range(len(eps)), key=lambda i: eps[i])
-        rises = [(eps[a], acc[a], eps[b], acc[b]) for a, b in zip(order, order[1:])
-                 if acc[b] > acc[a] + tol]
-        if rises:
-            flag("eps_sweep_rises", "; ".join(f"{pct(p)} at {e:g}/255 -> {pct(q)} at {f:g}/255"
-                                               for e, p, f, q in rises))
-        top = order[-1] if order else None
-        if top is not None and r.get("eps_255") and eps[top] >= 2 * r["eps_255"] and \
-                acc[top] > 0.5 * r["natural"] + tol:
-            flag("eps_sweep_does_not_fall", f"{pct(acc[top])} at {eps[top]:g}/255, natural "
-                 f"{pct(r['natural'])}")
-    if strongest:
-        for key, title in (("autoattack", "AutoAttack"), ("apgd", "APGD-CE+T")):
-            if key in r and f"{key}_details" in r and r[key] > strongest[1] + tol:
-                flag(f"{key}_above_pgd", f"{title} {pct(r[key])} > {strongest[0]} "
-                     f"{pct(strongest[1])}")
-    runs = [(_pgd_counts(k), v) for k, v in white.items()]
-    if "steps_sweep" in r:
-        runs += [((s, 1), v) for s, v in zip(r["steps_sweep"]["steps"], r["steps_sweep"]["acc"])]
-    worst_gap, most_steps = None, max((k for (k, _), _ in runs), default=0)
-    for (ks, rs), weak in runs:
-        for (kb, rb), strong in runs:
-            if kb >= ks and rb >= rs and (kb, rb) != (ks, rs) and 10 * ks >= most_steps and \
-                    weak - strong > max(0.02, tol, 0.1 * weak) and \
-                    (worst_gap is None or weak - strong > worst_gap[0]):
-                worst_gap = (weak - strong, f"{_name(ks, rs)} {pct(weak)} -> {_name(kb, rb)} "
-                             f"{pct(strong)}")
-    if worst_gap:
-        flag("attack_not_converged", worst_gap[1])
-    for key in AUTOATTACK_PARTS:
-        if r.get(f"{key}_details", {}).get("warnings"):
-            flag(f"{key}_warning", "; ".join(r[f"{key}_details"]["warnings"]))
-    return out
-
-
-def _pgd_counts(name: str) -> tuple:
-    """'PGD-100x5' -> (100, 5)."""
-    steps, restarts = name.removeprefix("PGD-").split("x")
-    return int(steps), int(restarts)
-
-
-def flag_notes(r: dict) -> str:
-    """The sanity flags in words, under the table."""
-    flags = r.get("flags", [])
-    if not flags:
-        return "Sanity flags: none raised." if "flags" in r else ""
-    return "Sanity flags (signs of gradient masking or an unconverged attack):\n" + "\n".join(
-        f"- {f['flag']}: {f['evidence']}. Means: {f['meaning']}. Try: {f['try']}." for f in flags)
-
-
-def sweep_tables(r: dict) -> str:
-    out = []
-    if "eps_sweep" in r:
-        s = r["eps_sweep"]
-        out += [f"\nTest-eps sweep ({s['attack']}, paper Fig 4):\n",
-                "| eps (/255) | " + " | ".join(f"{e:g}" for e in s["eps_255"]) + " |",
-                "|" + " --- |" * (len(s["acc"]) + 1),
-                "| accuracy (%) | " + " | ".join(f"{100 * a:.2f}" for a in s["acc"]) + " |"]
-    if "steps_sweep" in r:
-        s = r["steps_sweep"]
-        out += [f"\nPGD-iteration sweep at {r['eps_255']:g}/255 (paper Fig 9):\n",
-                "| PGD steps | " + " | ".join(map(str, s["steps"])) + " |",
-                "|" + " --- |" * (len(s["acc"]) + 1),
-                "| accuracy (%) | " + " | ".join(f"{100 * a:.2f}" for a in s["acc"]) + " |"]
-    return "\n".join(out)
-
-
-def plot_sweeps(r: dict, out: Path, stem: str) -> list:
-    """<stem>_eps_sweep.png (Fig 4) and <stem>_steps_sweep.png (Fig 9); returns the paths."""
-    from matplotlib.figure import Figure
-    written = []
-    for key, xkey, xlabel, title, log_x in (
-            ("eps_sweep", "eps_255", "test eps (x/255)", "robust accuracy over test eps (Fig 4)",
-             False),
-            ("steps_sweep", "steps", "PGD steps", "robust accuracy over PGD steps (Fig 9)", True)):
-        if key not in r:
-            continue
-        fig = Figure(figsize=(5, 3.4), layout="constrained")
-        ax = fig.subplots()
-        ax.plot(r[key][xkey], [100 * a for a in r[key]["acc"]], marker="o", label=r["label"])
-        ax.set(xlabel=xlabel, ylabel="accuracy (%)", title=title, ylim=(0, 100))
-        if log_x:
-            ax.set_xscale("log")
-        ax.legend()
-        path = out / f"{stem}_{key}.png"
-        _save_figure(fig, path)
-        written.append(path)
-    return written
-
-
 
 
 # ============================================================================================
@@ -1007,8 +618,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
                 ".md and sweep plots. Always FP32, model in eval mode.",
                 epilog="presets:\n" + "\n".join(
                     f"  {k}: eps {v['eps'] * PIXEL:g}/255, step {v['step_size'] * PIXEL:g}/255, "
-                    f"whitebox {','.join(_name(*w) for w in v['whitebox'])}, transfer "
-                    f"{_name(*v['transfer'])}" for k, v in EVAL_PRESETS.items()),
+                    f"whitebox {','.join(pgd_name(*w) for w in v['whitebox'])}, transfer "
+                    f"{pgd_name(*v['transfer'])}" for k, v in EVAL_PRESETS.items()),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path, help="run folder holding checkpoint.pt")
     p.add_argument("--surrogate", type=Path, help="run folder of an independently trained copy, "
@@ -1051,76 +662,6 @@ def build_eval_parser() -> argparse.ArgumentParser:
     return p
 
 
-
-
-def shorten(cfg: iaat.Config, epochs: Optional[int]) -> iaat.Config:
-    """The same run in `epochs` epochs with its LR milestones scaled; None: as it is."""
-    if not epochs:
-        return cfg
-    milestones = tuple(round(m * epochs / cfg.epochs) for m in cfg.lr_milestones)
-    return iaat.check_config(dataclasses.replace(cfg, epochs=epochs, lr_milestones=milestones))
-
-
-def command_line(cfg: iaat.Config, script: str = "iaat.py") -> str:
-    """The `python iaat.py ...` command that trains `cfg`: its dataset, model (where it is not
-    the dataset's default), method and seed, and every setting that differs from the preset,
-    in the CLI's units."""
-    model = [] if cfg.model == iaat.make_config(cfg.dataset).model else ["--model", cfg.model]
-    words = ["python", script, "--dataset", cfg.dataset, *model, "--method", cfg.method,
-             "--seed", str(cfg.seed)]
-    for name, value in iaat.preset_changes(cfg, skip={"dataset", "method", "seed"}):
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "--no-" + flag[2:])
-        elif value is not None:
-            words += [flag, iaat.cli_value(name, value)]
-    return " ".join(words)
-
-
-def notebook_configs(dataset: str = "digits", *, model: Optional[str] = None,
-                     epochs: Optional[int] = None, seed: int = 0, runs_dir="runs",
-                     data_root: str = "data") -> Callable[..., Config]:
-    """The notebooks' shared set-up: config(**settings), the preset for `dataset` and `model`
-    (None: the dataset's) with these settings and `seed`, shortened to `epochs` (`shorten`;
-    None: the preset's schedule), in `runs_dir` under the name `python iaat.py` gives it, so
-    that runs made on the command line (say, CIFAR on a GPU) are found there."""
-    def config(**settings) -> Config:
-        cfg = shorten(iaat.make_config(dataset, model, seed=seed, data_root=data_root,
-                                       **settings), epochs)
-        return dataclasses.replace(cfg, out=str(Path(runs_dir) / iaat.run_dir(cfg).name))
-    return config
-
-
-def findings(claims: dict, strict: bool = True) -> None:
-    """A notebook's findings, {claim: whether it holds}. strict (the digits runs the notebooks
-    were written for): AssertionError naming the first claim that does not hold, else print
-    "all findings hold". Otherwise (other runs: CIFAR, another schedule) print each claim with
-    whether it holds on these runs."""
-    failed = [claim for claim, holds in claims.items() if not holds]
-    if strict:
-        assert not failed, f"this finding does not hold: {failed[0]}"
-        print("all findings hold")
-    else:
-        for claim, holds in claims.items():
-            print(f"{'holds' if holds else 'does NOT hold'}: {claim}")
-
-
-def train_or_load(cfg: iaat.Config, log: Optional[Callable[[str], None]] = None,
-                  train_missing: bool = True) -> dict:
-    """The summary of run_dir(cfg): from its summary.json if that run finished with these
-    settings, else train (or resume) it, or with train_missing=False raise IAATError.
-    Notebooks use it to render runs made elsewhere (say, CIFAR on a GPU)."""
-    out = iaat.run_dir(cfg)
-    if (out / "summary.json").is_file() and (out / "config.json").is_file():
-        done = json.loads((out / "summary.json").read_text())
-        saved = json.loads((out / "config.json").read_text())
-        if done.get("epochs") == cfg.epochs and iaat.changed_setting(cfg, saved) is None:
-            return done
-    if not train_missing:
-        raise IAATError(f"no finished run with these settings in {out}; train it first")
-    return iaat.train(cfg, log or (lambda msg: None))
-
-
 def main(argv=None) -> int:
     """`iaat eval RUN_DIR [flags]`: the flags in the CLI's units (/255), then evaluate_run."""
     args = vars(build_eval_parser().parse_args(sys.argv[1:] if argv is None else argv))
@@ -1133,7 +674,7 @@ def main(argv=None) -> int:
     try:
         if threads is not None and threads < 1:
             raise IAATError(f"--threads must be positive, got {threads}")
-        torch.set_num_threads(iaat_run.choose_threads(threads)[0])
+        torch.set_num_threads(choose_threads(threads)[0])
         evaluate_run(args.pop("run"), **args)
     except (IAATError, OSError) as err:
         print(f"iaat: error: {err}", file=sys.stderr)
@@ -1142,59 +683,6 @@ def main(argv=None) -> int:
         print("iaat: interrupted; the parts finished so far are in the JSON", file=sys.stderr)
         return 130
     return 0
-
-
-# ============================================================================================
-# Plots of a training run: loss and accuracies, the eps memory (paper Figs 5 and 7)
-# ============================================================================================
-
-def plot_run(out: Path, rows: list, history: np.ndarray, warmup: int = 0) -> None:
-    """curves.png (loss, accuracies), eps_hist.png (eps histograms), eps_mean.png."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, safe in notebooks
-    if not rows:
-        return
-    ep = [r["epoch"] for r in rows]
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(ep, [r["train_loss"] for r in rows])
-    ax1.set(xlabel="epoch", ylabel="training loss", title="training loss (Alg 1 l.11)")
-    for key, label in [("train_acc", "train (on training inputs)"), ("val_clean", "held-out clean"),
-                       ("val_pgd", "held-out PGD"), ("test_clean", "test clean"),
-                       ("test_pgd", "test PGD (subset)")]:
-        pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax2.plot(*zip(*pts), label=label, marker="." if len(pts) < 40 else None)
-    ax2.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1), title="accuracy")
-    ax2.legend()
-    _save_figure(fig, out / "curves.png")
-
-    h = history * PIXEL
-    fig = Figure(figsize=(6, 3.6), layout="constrained")
-    ax = fig.subplots()
-    picks = sorted({int(round(i)) for i in np.linspace(0, len(h) - 1, min(len(h), 5))})
-    bins = np.linspace(0, max(h.max(), 1e-6), 40)
-    for i in picks:
-        ax.hist(h[i], bins=bins, histtype="step", label=f"after epoch {i + 1}")
-    ax.set(xlabel="eps_i (x/255)", ylabel="training samples", title="eps memory (paper Fig 5)")
-    ax.legend()
-    _save_figure(fig, out / "eps_hist.png")
-
-    fig = Figure(figsize=(6, 3.6), layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(1, len(h) + 1)
-    ax.fill_between(x, np.quantile(h, 0.1, axis=1), np.quantile(h, 0.9, axis=1), alpha=0.3,
-                    label="10-90% of samples")
-    ax.plot(x, h.mean(1), label="mean")
-    if 0 < warmup < len(h):
-        ax.axvline(warmup, color="gray", linestyle="--", label=f"end of warmup (epoch {warmup})")
-    ax.set(xlabel="epoch", ylabel="eps (x/255)", title="eps memory over training (paper Fig 7)")
-    ax.legend()
-    _save_figure(fig, out / "eps_mean.png")
-
-
-def _save_figure(fig, path: Path) -> None:
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
-
 
 
 if __name__ == "__main__":

@@ -10,11 +10,14 @@ the ImageNet launcher (paper App E.2: FP16 attacks) switches it on by default.
     from iaat_fp16 import fp16_input_grad
     with torch.autocast("cuda", dtype=torch.float16):
         x_adv = pgd_attack(model, x, y, eps, grad_fn=fp16_input_grad)
+
+This module sits below iaat.py: it imports iaat_run only, and iaat.py imports it.
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-import iaat
+from iaat_run import current_dist
 
 FP16_LOSS_SCALE = 2.0 ** 12  # an fp16 input gradient's largest logit gradient, at first
 
@@ -31,7 +34,7 @@ def fp16_input_grad(model, x_adv, y, targeted: bool = False, state=None):
     is repeated at scale / 16, and the attack keeps that scale."""
     if not (torch.is_autocast_enabled(x_adv.device.type)
             and torch.get_autocast_dtype(x_adv.device.type) == torch.float16):
-        return iaat.input_grad(model, x_adv, y, targeted, state)  # bf16 has fp32's range
+        return _plain_input_grad(model, x_adv, y, targeted, state)  # bf16 has fp32's range
     scale = FP16_LOSS_SCALE if state is None else state
     coupled = _couples_samples(model)
     synced = coupled and _syncs_processes(model)
@@ -49,6 +52,17 @@ def fp16_input_grad(model, x_adv, y, targeted: bool = False, state=None):
             scale /= 16
 
 
+def _plain_input_grad(model, x_adv, y, targeted: bool, state):
+    """iaat.input_grad, written out here so that this module does not import iaat (a test
+    checks that the two agree bit for bit)."""
+    with torch.enable_grad():
+        x_adv = x_adv.detach().requires_grad_(True)
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        grad, = torch.autograd.grad(-loss if targeted else loss, x_adv)
+        return logits.detach(), grad, state
+
+
 def _couples_samples(model: nn.Module) -> bool:
     """Does one sample's output depend on the others' (BatchNorm using batch statistics)?"""
     return any(m.training or not m.track_running_stats for m in model.modules()
@@ -57,7 +71,7 @@ def _couples_samples(model: nn.Module) -> bool:
 
 def _syncs_processes(model: nn.Module) -> bool:
     """Does a train-mode SyncBatchNorm couple this process's batch with the others'?"""
-    return iaat.current_dist().world > 1 and any(
+    return current_dist().world > 1 and any(
         isinstance(m, nn.SyncBatchNorm) and m.training for m in model.modules())
 
 

@@ -10,9 +10,9 @@ with the columns index, label, radius_255. From Python, with radii in [0,1]:
     ranking = iaat_radius.rank_by_radius("runs/digits-smallcnn-iaat-seed0")
     r = iaat_radius.minimal_radius(model, x, y, eps_max=0.5)    # bisection over PGD
 
-`flip_labels` is the label-noise experiment behind `iaat.py --label-noise` (a small radius
-flags suspicious labels, notebook 03). This module imports iaat; iaat.py imports it only for
-`rank` and `--label-noise`.
+With `iaat.py --label-noise` (iaat.flip_labels, also here as iaat_radius.flip_labels), a small
+radius flags suspicious labels (notebook 03). This module imports iaat and iaat_eval; iaat.py
+imports it only inside main, for `iaat rank`.
 """
 from __future__ import annotations
 
@@ -27,19 +27,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from iaat import PIXEL, CLIParser, IAATError, atomic_write, load_data, model_mode
-
-
-def flip_labels(y: torch.Tensor, num_classes: int, fraction: float, seed: int) -> torch.Tensor:
-    """A copy of `y` with round(fraction * len(y)) labels, drawn with `seed`, each replaced by
-    another class drawn uniformly (never its own). Drawn on the CPU: the same on any device."""
-    gen = torch.Generator().manual_seed(seed)
-    n = len(y)
-    idx = torch.randperm(n, generator=gen)[:round(fraction * n)]
-    shift = torch.randint(1, num_classes, (len(idx),), generator=gen)
-    out = y.cpu().clone()
-    out[idx] = (out[idx] + shift) % num_classes
-    return out.to(y.device)
+from iaat import PIXEL, flip_labels, load_data, model_mode  # noqa: F401 (flip_labels: its API)
+from iaat_eval import attack_correct, run_config
+from iaat_run import CLIParser, IAATError, atomic_write
 
 
 def minimal_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_max: float = 0.5,
@@ -59,7 +49,6 @@ def minimal_radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps_ma
     Bisection assumes that a radius that fools also fools at any larger one, which holds for
     the exact minimum and nearly so for a strong attack. Runs in eval mode and FP32; the
     random starts come from torch's global generator (seed it for a repeatable answer)."""
-    from iaat_eval import attack_correct
     if not (eps_max > 0 and tol > 0):
         raise ValueError(f"eps_max and tol must be > 0, got {eps_max} and {tol}")
     kw = dict(steps=steps, restarts=restarts, step_size=lambda eps: step_rel * eps)
@@ -87,7 +76,6 @@ def rank_by_radius(run, data_root: Optional[str] = None) -> dict:
     label the one the run trained with (after --label-noise). IAATError on a folder that holds
     no IAAT checkpoint. Reads the radii from checkpoint.pt's eps memory; the labels from the
     data (CIFAR: from `data_root`, default where the run read it)."""
-    from iaat_eval import run_config
     run = Path(run)
     cfg, ckpt = run_config(run)
     if cfg.method != "iaat":

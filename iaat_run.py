@@ -35,6 +35,41 @@ class CLIParser(argparse.ArgumentParser):
         self.exit(2, f"iaat: error: {message} (see --help)\n")
 
 
+def add_dataclass_flags(p: argparse.ArgumentParser, cls, presets: dict, show: Callable, *,
+                        skip=(), choices=None, aliases=None) -> None:
+    """One flag per field of the dataclass `cls` (metadata: "help", and "unit" for fields typed
+    in the CLI's units), its help ending with the unit, the default and each preset's value, as
+    `show(name, value, unit)` writes them; a flag not given stays None (the preset decides)."""
+    choices, aliases = choices or {}, aliases or {}
+    for f in (f for f in dataclasses.fields(cls) if f.name not in skip):
+        unit = f.metadata["unit"]
+        per = ", ".join(f"{k} {show(f.name, q[f.name], bool(unit))}" for k, q in presets.items()
+                        if f.name in q)
+        kw = dict(dest=f.name, default=None, help=f"{f.metadata['help']} [{'x/255; ' if unit else ''}"
+                  f"default: {show(f.name, f.default, bool(unit))}{'; presets: ' + per if per else ''}]")
+        names = ["--" + f.name.replace("_", "-"), *aliases.get(f.name, [])]
+        if f.type == "bool":
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif "tuple" in f.type:
+            p.add_argument(*names, type=float if unit else int, nargs="*",
+                           metavar="EPS" if unit else "EPOCH", **kw)
+        else:
+            p.add_argument(*names, type=int if "int" in f.type else float if "float" in f.type
+                           else str, choices=choices.get(f.name), **kw)
+
+
+def dataclass_values(args: argparse.Namespace, cls, scale: float) -> dict:
+    """The flags as field values: fields with a unit divided by `scale`, lists as tuples, None
+    where a flag was not given."""
+    values = {}
+    for name, value in vars(args).items():
+        value = tuple(value) if isinstance(value, list) else value
+        if value is not None and cls.__dataclass_fields__[name].metadata["unit"]:
+            value = tuple(v / scale for v in value) if isinstance(value, tuple) else value / scale
+        values[name] = value
+    return values
+
+
 # ===== torchrun's process group ==============================================================
 
 @dataclass(frozen=True)
@@ -127,7 +162,7 @@ def _all_past_the_barrier(timeout: float = 60.0) -> None:
     """Wait, on the rendezvous store rather than on gloo, until every process has returned
     from the last barrier. A process returns from gloo's barrier as soon as its own part is
     done, and one that then closed its connections could still kill a peer reading the
-    barrier's last message (seen once, in a 2-process test of a full CI run)."""
+    barrier's last message."""
     store, world = tdist.distributed_c10d._get_default_store(), tdist.get_world_size()
     store.add("iaat/past_the_last_barrier", 1)
     deadline = time.time() + timeout  # a peer that died after the barrier must not hang us

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python benchmarks/bench.py` imports the iaat.py next to it
 import iaat  # noqa: E402
+import iaat_run  # noqa: E402
 
 TARGETS = {"pgd": 1.05, "iaat_over_at": 2.0, "ours_over_official": 1.0}
 # PreAct ResNet-18 on a 32x32 image: 0.56 G multiply-accumulates per forward. A PGD-10 AT step
@@ -105,8 +106,8 @@ def parse_args(argv) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     quick = args.quick
     if args.data == "digits" and (args.n_images is not None or args.warm_steps is not None):
-        raise iaat.IAATError("--n-images and --warm-steps are for --data synthetic (digits "
-                             "trains on its own images, warmed up for the preset's epochs)")
+        raise iaat_run.IAATError("--n-images and --warm-steps are for --data synthetic (digits "
+                                 "trains on its own images, warmed up for the preset's epochs)")
     defaults = dict(repeats=2 if quick else 9, pgd_repeats=2 if quick else 30,
                     pgd_calls=1 if quick else 5,
                     n_images=128 if quick else 5120, warm_steps=2 if quick else 50)
@@ -116,11 +117,11 @@ def parse_args(argv) -> argparse.Namespace:
     for name in ("batch", "n_images", "repeats", "pgd_repeats", "pgd_calls", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise iaat.IAATError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise iaat_run.IAATError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.warm_steps < 0:
-        raise iaat.IAATError(f"--warm-steps must be >= 0, got {args.warm_steps}")
+        raise iaat_run.IAATError(f"--warm-steps must be >= 0, got {args.warm_steps}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
-        raise iaat.IAATError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+        raise iaat_run.IAATError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
     return args
 
 
@@ -130,7 +131,7 @@ def parse_args(argv) -> argparse.Namespace:
 
 @dataclass
 class Bench:
-    """Everything the contenders share. `s` is iaat's training state: s.attacked is what the
+    """Everything the contenders share. `s` is iaat's training state: s.compiled is what the
     steps call (channels_last/compile), s.model holds the weights that the snapshots save and
     restore, s.mem the eps memory."""
     cfg: iaat.Config  # method "iaat"; the PGD-AT contender uses a copy with method "at"
@@ -175,7 +176,7 @@ def load_data(args) -> iaat.Data:
 
 
 def set_up(args) -> Bench:
-    device = iaat.pick_device(args.device)
+    device = iaat_run.pick_device(args.device)
     threads = args.threads or (1 if device.type == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
@@ -374,12 +375,12 @@ def figure_pgd(b: Bench, state: dict, args, log) -> dict:
     import torchattacks
     restore(b, state)
     x, y, _ = epoch_batches(b, b.cfg.warmup)[0]
-    b.s.attacked.eval()
-    theirs = torchattacks.PGD(b.s.attacked, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
+    b.s.compiled.eval()
+    theirs = torchattacks.PGD(b.s.compiled, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True)
 
     def ours_calls():
         for _ in range(args.pgd_calls):
-            iaat.pgd_attack(b.s.attacked, x, y, 8 / 255, steps=10, step_size=2 / 255,
+            iaat.pgd_attack(b.s.compiled, x, y, 8 / 255, steps=10, step_size=2 / 255,
                             grad_fn=iaat.attack_settings(b.cfg)["grad_fn"])
 
     def theirs_calls():
@@ -485,7 +486,7 @@ def figure_epochs(b: Bench, state: dict, args, log) -> tuple:
     steps = {
         "iaat": lambda x, y, idx: b.step(x, y, idx, epoch, cfg),
         "pgd_at": lambda x, y, idx: b.step(x, y, idx, epoch, at),
-        "official": lambda x, y, idx: official_style_step(b.s.attacked, b.s.opt, x, y, idx,
+        "official": lambda x, y, idx: official_style_step(b.s.compiled, b.s.opt, x, y, idx,
                                                           b.s.mem, cfg, b.s.scaler),
     }
     for step in steps.values():  # warm-up calls: two batches each (quick: one)
@@ -671,7 +672,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         run(parse_args(argv), argv)
-    except iaat.IAATError as err:
+    except iaat_run.IAATError as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2
     return 0

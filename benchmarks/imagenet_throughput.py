@@ -1,6 +1,6 @@
 """Training throughput of imagenet/train.py's step on one device: images per second of a
 torchvision ResNet trained with PGD-30 attacks (Table 11) on synthetic 224x224 data, for each
-precision in one run (issue: fp16 against fp32).
+precision in one run (fp16 against fp32).
 
     python benchmarks/imagenet_throughput.py --device cuda            # ResNet-50, fp16 and fp32
     python benchmarks/imagenet_throughput.py --device cuda --arch resnet152 --batch 32
@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import iaat  # noqa: E402
+import iaat_run  # noqa: E402
 
 
 def launcher():
@@ -92,7 +93,7 @@ def step(k, x, y, idx, device) -> float:
 
 def main(argv=None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
-    device = iaat.pick_device(args.device)
+    device = iaat_run.pick_device(args.device)
     m = launcher()
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 3, args.image_size, args.image_size, generator=gen).to(device)

@@ -36,7 +36,9 @@ import torchvision.transforms as T
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import iaat  # noqa: E402  (the repository's iaat.py, also when run as a script)
 import iaat_eval  # noqa: E402
-from iaat import PIXEL, IAATError, option  # noqa: E402
+import iaat_run  # noqa: E402
+from iaat import PIXEL, option  # noqa: E402
+from iaat_run import IAATError  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet statistics
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -169,7 +171,7 @@ class EpochSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler (disjoint shards, the tail dropped so no image appears twice in an
     epoch: two processes must never update one eps slot at once) that can start an epoch at
     a given step, for a mid-epoch resume."""
-    def __init__(self, dataset, d: iaat.Dist, seed: int, batch_size: int):
+    def __init__(self, dataset, d: iaat_run.Dist, seed: int, batch_size: int):
         super().__init__(dataset, num_replicas=d.world, rank=d.rank, shuffle=True, seed=seed,
                          drop_last=True)
         self.batch_size, self.skip = batch_size, 0
@@ -207,20 +209,20 @@ def run_folder(c: ImageNetConfig) -> Path:
 def train(c: ImageNetConfig, log=print) -> Path:
     """Train (or resume) into run_folder(c): checkpoint.pt, metrics.jsonl, eps_history.npy
     (float16: 1.28M images x 110 epochs is 280 MB) and the plots, by iaat.train_loop."""
-    d = iaat.current_dist()
+    d = iaat_run.current_dist()
     log = log if d.main else (lambda msg: None)
-    device = iaat.pick_device(c.device, d.local_rank)
+    device = iaat_run.pick_device(c.device, d.local_rank)
     if c.sync_bn and d.world > 1 and device.type != "cuda":
         raise IAATError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU")
     out = run_folder(c)
     ckpt = iaat.open_run(out, c)
-    saved = ckpt and ckpt.get("processes", ckpt["totals"].get("processes"))  # (older: totals)
+    saved = ckpt and ckpt.get("processes", ckpt["totals"].get("processes"))  # or kept in totals
     if ckpt is not None and saved != d.world:  # the global batch sets the LR and the shards
         raise IAATError(f"checkpoint {out / 'checkpoint.pt'} was written by {saved} processes, "
                         f"this run has {d.world}; resume with {saved} (global batch "
                         f"{saved * c.batch_size})")
     data = train_set(c)
-    iaat.same_everywhere(len(data), "the number of training images (is --data the same?)")
+    iaat_run.same_everywhere(len(data), "the number of training images (is --data the same?)")
     n, steps_per_epoch = len(data), len(data) // d.world // c.batch_size
     if steps_per_epoch < 1:
         raise IAATError(f"{len(data)} training images do not fill one batch of {c.batch_size} "
@@ -256,7 +258,7 @@ def train(c: ImageNetConfig, log=print) -> Path:
         over all processes since the last line (every process takes part: a collective)."""
         if s.step % c.print_every:
             return
-        t, now, since = iaat.global_totals(sums), time.time(), s.step - clock["step"]
+        t, now, since = iaat_run.global_totals(sums), time.time(), s.step - clock["step"]
         rate = (since if since > 0 else s.step) * c.batch_size * d.world / (now - clock["time"])
         log(f"epoch {s.epoch + 1} step {s.step}/{steps_per_epoch} | loss {t['loss'] / t['n']:.3f}"
             f" | acc {t['train_acc'] / t['n']:.3f} | eps {t['eps'] / t['n'] * PIXEL:.1f}/255 | "
@@ -264,7 +266,7 @@ def train(c: ImageNetConfig, log=print) -> Path:
         clock.update(time=now, step=s.step)
     iaat.train_loop(c, s, out, totals, batches, steps_per_epoch, c.batch_size, log,
                     on_step=progress, lr_per_step=True, history_dtype=np.float16)
-    iaat.same_state(s)
+    iaat.state_hashes(s)
     return out
 
 
@@ -275,7 +277,7 @@ def train(c: ImageNetConfig, log=print) -> Path:
 def evaluate(c: ImageNetConfig, model: nn.Module, device, log=print) -> dict:
     """Natural top-1 and random-targeted PGD accuracy at each eps, in FP32 and eval mode;
     each process takes a shard of the (seeded subset of) validation images."""
-    d = iaat.current_dist()
+    d = iaat_run.current_dist()
     log = log if d.main else (lambda msg: None)
     val = val_set(c)
     chosen = iaat_eval.test_subset(len(val), c.eval_n, c.seed, "cpu")
@@ -293,7 +295,7 @@ def evaluate(c: ImageNetConfig, model: nn.Module, device, log=print) -> dict:
                 counts[1 + k] += iaat_eval.attack_correct(
                     model, x, y, eps=eps, steps=c.eval_steps, step_size=c.eval_step_size,
                     target=t).sum()
-    counts = iaat.all_sum(counts).tolist()
+    counts = iaat_run.all_sum(counts).tolist()
     result = {"images": len(chosen), "natural_top1": counts[0] / len(chosen),
               "targeted_pgd": {f"{eps * PIXEL:g}": v / len(chosen)
                                for eps, v in zip(c.eval_eps, counts[1:])},
@@ -307,7 +309,7 @@ def evaluate(c: ImageNetConfig, model: nn.Module, device, log=print) -> dict:
 def corruption_errors(c: ImageNetConfig, model: nn.Module, device) -> tuple:
     """ImageNet-C mCE, normalised by AlexNet (iaat_eval.mean_corruption_error). ImageNet-C
     images are 224x224 already: centre crop only."""
-    d, errors = iaat.current_dist(), {}
+    d, errors = iaat_run.current_dist(), {}
     tf = T.Compose([T.CenterCrop(c.image_size), T.ToTensor()])
     with torch.autocast(device.type, enabled=False), iaat.model_mode(model, False):
         for name in iaat_eval.ALEXNET_ERR:
@@ -324,18 +326,18 @@ def error_rate(c: ImageNetConfig, model, device, folder: Path, tf, d) -> float:
     with torch.no_grad():
         for x, y, _ in loader(mine, None, c, device, drop_last=False):
             wrong += (model(x.to(device)).argmax(1) != y.to(device)).sum()
-    return float(iaat.all_sum(wrong)) / len(data)
+    return float(iaat_run.all_sum(wrong)) / len(data)
 
 
 def evaluate_run(c: ImageNetConfig, log=print) -> dict:
     """Load the run's checkpoint into a fresh model and write eval.json beside it. The
     architecture comes from the checkpoint: --evaluate-only needs only --data and --out."""
-    d = iaat.current_dist()
+    d = iaat_run.current_dist()
     out = run_folder(c)
     if not (out / "checkpoint.pt").is_file():
         raise IAATError(f"{out / 'checkpoint.pt'} not found; train first or give --out")
-    ckpt = iaat.read_checkpoint(out / "checkpoint.pt")
-    device = iaat.pick_device(c.device, d.local_rank)
+    ckpt = iaat_run.read_checkpoint(out / "checkpoint.pt")
+    device = iaat_run.pick_device(c.device, d.local_rank)
     arch, state = ckpt["config"].get("model", ckpt["config"].get("arch")), ckpt["model"]
     if arch not in ARCHS or "1.fc.weight" not in state:
         raise IAATError(f"{out / 'checkpoint.pt'} is not an imagenet/train.py checkpoint")
@@ -346,7 +348,7 @@ def evaluate_run(c: ImageNetConfig, log=print) -> dict:
         raise IAATError(f"checkpoint does not fit {arch}: {str(err).splitlines()[0]}") from None
     result = evaluate(c, model, device, log) | {"epoch": ckpt["epoch"]}
     if d.main:
-        iaat.write_json(out / "eval.json", result)
+        iaat_run.write_json(out / "eval.json", result)
     return result
 
 
@@ -355,7 +357,7 @@ def evaluate_run(c: ImageNetConfig, log=print) -> dict:
 # ============================================================================================
 
 def build_parser():
-    p = iaat.CLIParser(prog="imagenet/train.py", description=__doc__.split("\n\n")[0])
+    p = iaat_run.CLIParser(prog="imagenet/train.py", description=__doc__.split("\n\n")[0])
     iaat.add_config_flags(p, ImageNetConfig, {"imagenet": TABLE_11}, skip=UNUSED,
                           choices={"model": ARCHS},
                           aliases={"model": ["--arch"]})
@@ -363,14 +365,14 @@ def build_parser():
 
 
 def config_from_args(argv) -> ImageNetConfig:
-    values = iaat.config_values(build_parser().parse_args(argv), ImageNetConfig)
+    values = iaat_run.dataclass_values(build_parser().parse_args(argv), ImageNetConfig, PIXEL)
     return imagenet_config(**{k: v for k, v in values.items() if v is not None})
 
 
 def main(argv=None) -> int:
     try:
         c = config_from_args(sys.argv[1:] if argv is None else argv)
-        with iaat.process_group(iaat.pick_device(c.device)):
+        with iaat_run.process_group(iaat_run.pick_device(c.device)):
             if not c.evaluate_only:
                 train(c)
             evaluate_run(c)

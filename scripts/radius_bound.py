@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import iaat  # noqa: E402
 import iaat_eval  # noqa: E402
 import iaat_radius  # noqa: E402
+import iaat_run  # noqa: E402
 
 
 def _attacks(text: str) -> list:
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         model, cfg, data, _ = iaat_eval.load_run(args.run)
-    except (iaat.IAATError, OSError) as err:
+    except (iaat_run.IAATError, OSError) as err:
         print(f"radius_bound: error: {err}", file=sys.stderr)
         return 1
     x, y = iaat.to_float(data.train_x), data.train_y

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import iaat  # noqa: E402
-import iaat_eval  # noqa: E402
+import iaat_notebook  # noqa: E402
+import iaat_run  # noqa: E402
 
 METHODS = ("clean", "at", "iaat")
 SEEDS = (0, 1)  # seed 1: the transfer attack's source
@@ -137,9 +138,9 @@ def train_argv(args, method: str, seed: int) -> list:
 def finished(argv: list) -> bool:
     """Whether the run of `python iaat.py ARGV` finished with exactly these settings."""
     try:
-        iaat_eval.train_or_load(iaat.config_from_args(argv), train_missing=False)
+        iaat_notebook.train_or_load(iaat.config_from_args(argv), train_missing=False)
         return True
-    except iaat.IAATError:
+    except iaat_run.IAATError:
         return False
 
 
@@ -232,7 +233,7 @@ def main(argv=None, log=print) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         cfg = iaat.config_from_args(train_argv(args, "iaat", 0))
-    except iaat.IAATError as err:
+    except iaat_run.IAATError as err:
         print(f"reproduce_table1: error: {err}", file=sys.stderr)
         return 1
     log(time_estimate(args.dataset, args.model, cfg)[1])
@@ -247,14 +248,14 @@ def main(argv=None, log=print) -> int:
         argv = eval_argv(args, method)
         run = Path(argv[1])
         stage(argv, evaluated(run, argv), log)
-        iaat.write_json(run / "eval_command.json", argv)
+        iaat_run.write_json(run / "eval_command.json", argv)
         results[method] = json.loads((run / "eval.json").read_text())
     text = (f"{args.dataset} {args.model}: ours (seed 0; transfer from seed 1) and the paper's "
             f"Table {1 if args.dataset == 'cifar10' else 2}, accuracy in % at eps 8/255\n\n"
             + table(args.dataset, args.model, results) + "\n")
     log("\n" + text)
     path = args.out / f"table-{args.dataset}-{args.model}.md"
-    iaat.atomic_write(path, lambda p: p.write_text(text))
+    iaat_run.atomic_write(path, lambda p: p.write_text(text))
     log(f"written to {path}")
     return 0
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 
 import iaat_eval
+import iaat_autoattack
+import iaat_report
 
 EPS, STEP = 0.2, 0.05  # the digits preset's test radius and step
 
@@ -25,8 +27,8 @@ def test_autoattack_equals_the_reference_and_is_below_pgd_1000x2(trained):
     idx = iaat_eval.test_subset(len(y), 100, seed=0, device="cpu")
     x, y = x[idx], y[idx]
     info = {}
-    rows = iaat_eval.autoattack_correct(model, _u8(x), y, eps=EPS, seed=0,  # default batch
-                                        info=info)
+    rows = iaat_autoattack.autoattack_correct(model, _u8(x), y, eps=EPS, seed=0,  # default batch
+                                              info=info)
     ref = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
     x_adv, y_adv = ref.run_standard_evaluation(_u8(x).float() / 255, y)  # its default batch
     ours, theirs = rows[-1].float().mean().item(), (y_adv == y).float().mean().item()
@@ -36,7 +38,7 @@ def test_autoattack_equals_the_reference_and_is_below_pgd_1000x2(trained):
     # each stage attacks the survivors of the last: the rows only lose images
     assert all(not (b & ~a).any() for a, b in zip(rows, rows[1:]))
     assert info["max_linf_255"] <= EPS * 255 + 1e-3 and info["version"] == "standard"
-    assert info["batch_size"] == iaat_eval.AUTOATTACK_BATCH == 250  # the reference's default
+    assert info["batch_size"] == iaat_autoattack.AUTOATTACK_BATCH == 250  # the reference's default
     torch.manual_seed(0)
     pgd = iaat_eval.attack_correct(model, x, y, eps=EPS, steps=1000, step_size=STEP, restarts=2)
     assert ours <= pgd.float().mean().item(), (ours, pgd.float().mean().item())
@@ -60,9 +62,9 @@ class MarginModel(nn.Module):
 def test_autoattack_is_the_standard_version():
     """The settings Croce & Hein's standard version prescribes, read from the objects that run
     (torchattacks' AutoAttack runs 10 iterations and fails this)."""
-    aa = iaat_eval.reference_autoattack(MarginModel(), eps=EPS, seed=0)
+    aa = iaat_autoattack.reference_autoattack(MarginModel(), eps=EPS, seed=0)
     assert aa.version == "standard" and aa.norm == "Linf" and aa.epsilon == EPS
-    assert aa.attacks_to_run == list(iaat_eval.AUTOATTACK_STAGES)
+    assert aa.attacks_to_run == list(iaat_autoattack.AUTOATTACK_STAGES)
     assert (aa.apgd.n_iter, aa.apgd.n_restarts) == (100, 1)
     assert (aa.apgd_targeted.n_iter, aa.apgd_targeted.n_restarts,
             aa.apgd_targeted.n_target_classes) == (100, 1, 9)
@@ -82,9 +84,9 @@ def test_autoattack_runs_its_full_budget(classes):
     model.register_forward_hook(lambda m, inp, out: calls.update([torch.is_grad_enabled()]))
     x, y = (torch.rand(3, 1, 8, 8) * 255).to(torch.uint8), torch.zeros(3, dtype=torch.long)
     counted, info = {}, {}
-    for stage in iaat_eval.AUTOATTACK_STAGES:
+    for stage in iaat_autoattack.AUTOATTACK_STAGES:
         calls.clear()
-        rows = iaat_eval.autoattack_correct(model, x, y, eps=EPS, stages=(stage,), info=info)
+        rows = iaat_autoattack.autoattack_correct(model, x, y, eps=EPS, stages=(stage,), info=info)
         assert rows.all(), stage
         counted[stage] = dict(calls)
         assert info["version"] == f"standard stages only: {stage}"  # one stage is not AutoAttack
@@ -134,14 +136,14 @@ def _with(**changes):
     ("apgd_warning", _with(**{"apgd_details.warnings": ["zero gradient"]})),
 ])
 def test_each_flag_fires_alone_on_a_result_built_for_it(flag, result):
-    assert iaat_eval.sanity_flags(NORMAL) == []
-    flags = iaat_eval.sanity_flags(result)
+    assert iaat_report.sanity_flags(NORMAL) == []
+    flags = iaat_report.sanity_flags(result)
     assert [f["flag"] for f in flags] == [flag]
     f = flags[0]
     assert ("zero gradient" if flag.endswith("_warning") else "%") in f["evidence"]
     # a flag of one part points to that part's JSON, and only AutoAttack's is called AutoAttack
     part = flag.split("_")[0]
-    if part in iaat_eval.AUTOATTACK_PARTS:
+    if part in iaat_autoattack.AUTOATTACK_PARTS:
         assert f"{part}_details.warnings" in f["try"], f["try"]
         assert f["meaning"].startswith("AutoAttack") == (flag == "autoattack_above_pgd")
 
@@ -151,27 +153,27 @@ def test_every_flag_is_explained_in_the_docs():
     from conftest import ROOT
     doc = (ROOT / "README.md").read_text() + "".join(
         p.read_text() for p in (ROOT / "docs").glob("*.md"))
-    for flag, (meaning, remedy) in iaat_eval.FLAGS.items():
+    for flag, (meaning, remedy) in iaat_report.FLAGS.items():
         assert f"| `{flag}` |" in doc, flag
         assert len(meaning) > 40 and len(remedy) > 20, flag
 
 
 def test_flags_stay_within_the_noise_and_the_protocol():
     # differences of one image, or of less than a point, are noise
-    assert iaat_eval.sanity_flags(_with(transfer=0.505, autoattack=0.515)) == []
+    assert iaat_report.sanity_flags(_with(transfer=0.505, autoattack=0.515)) == []
     # a random-targeted white-box attack may be weaker than an untargeted transfer attack
-    assert iaat_eval.sanity_flags(_with(transfer=0.45, targeted="random")) == []
+    assert iaat_report.sanity_flags(_with(transfer=0.45, targeted="random")) == []
     # PGD-1 -> PGD-10 is not convergence (it is outside the last tenfold of the steps)
-    assert iaat_eval.sanity_flags(_with(**{"steps_sweep.acc": [0.99, 0.56, 0.554, 0.554]})) == []
+    assert iaat_report.sanity_flags(_with(**{"steps_sweep.acc": [0.99, 0.56, 0.554, 0.554]})) == []
     # a sweep that stops at the evaluation radius cannot tell whether accuracy falls to 0
     stops = {"eps_255": [0, 25.5, 51], "acc": [0.97, 0.9, 0.8]}
-    assert iaat_eval.sanity_flags(_with(eps_sweep=stops)) == []
+    assert iaat_report.sanity_flags(_with(eps_sweep=stops)) == []
     # an eval.json from before the reference AutoAttack (no details) is not compared with PGD
     old = {k: v for k, v in _with(autoattack=0.6).items() if k != "autoattack_details"}
-    assert iaat_eval.sanity_flags(old) == []
+    assert iaat_report.sanity_flags(old) == []
     # the table names the flags raised, and says so when none are
-    row = iaat_eval.eval_table([{**_with(transfer=0.45), "label": "m",
-                                 "flags": iaat_eval.sanity_flags(_with(transfer=0.45))}])
+    row = iaat_report.eval_table([{**_with(transfer=0.45), "label": "m",
+                                 "flags": iaat_report.sanity_flags(_with(transfer=0.45))}])
     assert row.splitlines()[0].endswith("| flags |") and "transfer_beats_whitebox |" in row
 
 
@@ -234,7 +236,7 @@ def test_the_apgd_part_is_a_quick_look_never_called_autoattack(runs, capsys):
     out = capsys.readouterr().out
     assert "| APGD-CE | APGD-CE+T | worst case | flags |" in out and "AutoAttack |" not in out
     old = {"label": "old", "natural": 0.9, "autoattack": 0.5}
-    assert "| AutoAttack (torchattacks, 10 iterations) |" in iaat_eval.eval_table([old])
+    assert "| AutoAttack (torchattacks, 10 iterations) |" in iaat_report.eval_table([old])
 
 
 def test_images_all_broken_leave_later_stages_nothing_to_attack():
@@ -248,6 +250,6 @@ def test_images_all_broken_leave_later_stages_nothing_to_attack():
     x = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
     y = torch.zeros(6, dtype=torch.long)
     info = {}
-    rows = iaat_eval.autoattack_correct(model, x, y, eps=0.1, info=info)
+    rows = iaat_autoattack.autoattack_correct(model, x, y, eps=0.1, info=info)
     assert rows.shape == (4, 6) and not rows.any()
     assert info["max_linf_255"] == 0.0  # nothing was attacked

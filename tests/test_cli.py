@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from conftest import run_cli
+import iaat_notebook
+import iaat_run
 
 QUICK = ["--epochs", "1", "--n-train", "64", "--eval-subset", "20", "--eval-steps", "2"]
 
@@ -138,14 +140,13 @@ def test_out_naming_a_file_is_a_one_line_error(tmp_path):
 
 
 def test_a_run_folder_is_locked_and_stale_temporary_files_go(tmp_path):
-    import iaat
     (tmp_path / ".checkpoint.pt.tmp999").write_bytes(b"left by a killed writer")
-    lock = iaat.claim_run_dir(tmp_path, "cpu")
+    lock = iaat_run.claim_run_dir(tmp_path, "cpu")
     assert not (tmp_path / ".checkpoint.pt.tmp999").exists()
     with pytest.raises(BlockingIOError, match="another process is training"):
-        iaat.claim_run_dir(tmp_path, "cpu")
+        iaat_run.claim_run_dir(tmp_path, "cpu")
     lock.close()
-    iaat.claim_run_dir(tmp_path, "cpu").close()
+    iaat_run.claim_run_dir(tmp_path, "cpu").close()
 
 
 def test_help_explains_units_and_sources():
@@ -166,9 +167,8 @@ def test_help_explains_units_and_sources():
 ])
 def test_command_line_rebuilds_the_config(dataset, model, overrides):
     import iaat
-    import iaat_eval
     cfg = iaat.make_config(dataset, model, **overrides)
-    cmd = iaat_eval.command_line(cfg)
+    cmd = iaat_notebook.command_line(cfg)
     assert cmd.startswith(f"python iaat.py --dataset {dataset} ")
     assert ("--model" in cmd) == (model is not None)
     assert iaat.config_from_args(cmd.split()[2:]) == cfg

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import iaat
+import iaat_run
 from conftest import write_fake_cifar
 
 
@@ -23,7 +24,7 @@ def test_cifar_loads_through_torchvision(tmp_path, no_md5, name):
 
 
 def test_missing_cifar_without_download_is_a_clear_error(tmp_path):
-    with pytest.raises(iaat.IAATError, match="cifar10 not found .*--no-download"):
+    with pytest.raises(iaat_run.IAATError, match="cifar10 not found .*--no-download"):
         iaat.load_cifar("cifar10", str(tmp_path), download=False)
 
 

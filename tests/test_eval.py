@@ -12,6 +12,8 @@ import torch.nn as nn
 
 import iaat
 import iaat_eval
+import iaat_report
+import iaat_run
 from conftest import ROOT, run_cli
 
 EPS, STEP = 0.2, 0.05  # the digits preset's test radius and step
@@ -189,7 +191,7 @@ def test_corruption_loader_rejects_bad_files(tmp_path, damage, message):
         np.save(tmp_path / "labels.npy", np.zeros((10, 1), np.uint8))
     else:
         (tmp_path / "fog.npy").write_bytes(b"")
-    with pytest.raises(iaat.IAATError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(iaat_run.IAATError, match=message.replace("(", r"\(").replace(")", r"\)")):
         iaat_eval.load_corruption(tmp_path, "fog")
 
 
@@ -201,7 +203,7 @@ def test_mce_against_alexnet():
     assert mce == pytest.approx(0.5) and ce["fog"] == pytest.approx(0.5)
     assert len(ce) == 15 and "saturate" not in ce  # the 4 extra CIFAR-C corruptions are not in mCE
     del half["snow"]
-    with pytest.raises(iaat.IAATError, match="missing snow"):
+    with pytest.raises(iaat_run.IAATError, match="missing snow"):
         iaat_eval.mean_corruption_error(half)
 
 
@@ -362,7 +364,7 @@ def test_the_python_api_gives_what_the_cli_gives(runs, capsys):
     assert api["whitebox"] == cli["whitebox"] and api["natural"] == cli["natural"]
     assert api["eps_sweep"]["acc"] == cli["eps_sweep"]["acc"]
     assert api["eps_sweep"]["eps_255"] == pytest.approx(cli["eps_sweep"]["eps_255"])
-    with pytest.raises(iaat.IAATError, match="unknown --parts lasers"):
+    with pytest.raises(iaat_run.IAATError, match="unknown --parts lasers"):
         iaat_eval.evaluate_run(run, parts={"lasers"})
 
 
@@ -398,7 +400,7 @@ def test_an_image_wrong_clean_is_robust_in_no_column():
               parts={"whitebox", "transfer", "eps_sweep", "steps_sweep", "apgd", "autoattack",
                      *iaat_eval.LIBRARY_ATTACKS})
     res = iaat_eval.run_evaluation(model, x, y, ev=ev, num_classes=10, surrogate=surrogate)
-    cells = iaat_eval.table_cells(res)
+    cells = iaat_report.table_cells(res)
     assert len(cells) >= 12 and all(v == 0 for v in cells.values()), cells
     assert res["eps_sweep"]["acc"] == [0, 0] and res["steps_sweep"]["acc"] == [0, 0]
     # each attack alone says so too
@@ -412,7 +414,17 @@ def test_an_image_wrong_clean_is_robust_in_no_column():
 def test_autoattack_batch_is_the_references_unless_given():
     assert iaat_eval.eval_settings("digits")["autoattack_batch_size"] == 250
     assert iaat_eval.eval_settings("digits", autoattack_batch_size=64)["autoattack_batch_size"] == 64
-    with pytest.raises(iaat.IAATError, match="autoattack-batch-size must be positive"):
+    with pytest.raises(iaat_run.IAATError, match="autoattack-batch-size must be positive"):
         iaat_eval.eval_settings("digits", autoattack_batch_size=0)
     args = iaat_eval.build_eval_parser().parse_args(["RUN", "--autoattack-batch-size", "100"])
     assert args.autoattack_batch_size == 100 and args.batch_size == 500
+
+
+def test_the_training_evaluation_counts_robust_only_if_correct_clean():
+    """iaat.evaluate (the per-epoch check and the final PGD-20) uses the same definition."""
+    model = WrongOnlyClean().eval()
+    x, y = torch.full((2, 1, 8, 8), 128, dtype=torch.uint8), torch.zeros(2, dtype=torch.long)
+    acc = iaat.evaluate(model, x, y, eps=0.2, steps=3, step_size=0.05)
+    assert acc == {"clean": 0.0, "robust": 0.0}
+    ok = iaat.evaluate(model, x, torch.ones(2, dtype=torch.long), eps=0.0, steps=1, step_size=0.05)
+    assert ok == {"clean": 1.0, "robust": 1.0}  # right clean, and eps 0 changes nothing

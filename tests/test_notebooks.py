@@ -23,6 +23,8 @@ import pytest
 from nbval.plugin import comment_markers, find_comment_markers, metadata_tags
 
 from conftest import ROOT, write_fake_cifar
+import iaat_notebook
+import iaat_run
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 # Starts like an nbval marker: "NBVAL..." as nbval spells it, or "nbval_..." in any case (nbval
@@ -177,7 +179,7 @@ def test_notebook_renders_cifar_runs_made_from_its_printed_commands(path, tmp_pa
                 with contextlib.redirect_stdout(out):
                     exec(compile(code, f"{path.name}::Cell {n}", "exec"), namespace)
                 break
-            except iaat.IAATError as err:  # a run is missing: train it as the cell says
+            except iaat_run.IAATError as err:  # a run is missing: train it as the cell says
                 commands = [line for line in out.getvalue().splitlines()
                             if line.startswith("python ../iaat.py ")]
                 assert attempt == 0 and "train it first" in str(err) and commands, str(err)
@@ -195,12 +197,11 @@ def test_notebook_renders_cifar_runs_made_from_its_printed_commands(path, tmp_pa
 
 
 def test_findings_are_asserted_on_digits_and_reported_elsewhere(capsys):
-    import iaat_eval
     claims = {"the radius follows the margin": True, "IAAT dominates": False}
     with pytest.raises(AssertionError, match="does not hold: IAAT dominates"):
-        iaat_eval.findings(claims, strict=True)
-    assert iaat_eval.findings({"the radius follows the margin": True}, strict=True) is None
+        iaat_notebook.findings(claims, strict=True)
+    assert iaat_notebook.findings({"the radius follows the margin": True}, strict=True) is None
     assert capsys.readouterr().out == "all findings hold\n"  # a notebook cell shows no value
-    iaat_eval.findings(claims, strict=False)
+    iaat_notebook.findings(claims, strict=False)
     assert capsys.readouterr().out == ("holds: the radius follows the margin\n"
                                        "does NOT hold: IAAT dominates\n")

@@ -9,6 +9,7 @@ import torch
 import iaat
 import iaat_eval
 import iaat_radius
+import iaat_run
 from conftest import ROOT, distance_to_boundary, frozen_linear, run_cli
 
 D = 24
@@ -151,7 +152,7 @@ def test_rank_bad_run_folder_is_one_line_error(tmp_path):
 
 
 def test_label_noise_out_of_range_is_an_error():
-    with pytest.raises(iaat.IAATError, match="label-noise"):
+    with pytest.raises(iaat_run.IAATError, match="label-noise"):
         iaat.make_config("digits", label_noise=1.0)
 
 

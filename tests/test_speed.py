@@ -10,8 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import iaat
-import iaat_eval
 import iaat_fp16
+import iaat_notebook
+import iaat_run
 from conftest import tiny_cnn
 
 
@@ -189,7 +190,7 @@ def test_mixed_precision_training_resumes_to_the_same_state(tmp_path, flags):
     cut = iaat.train(iaat.make_config(out=str(tmp_path / "cut"), **common), log=lambda m: None)
     assert whole["eps_memory_sha1_per_process"] == cut["eps_memory_sha1_per_process"]
     assert whole["model_sha1_per_process"] == cut["model_sha1_per_process"]
-    ckpt = iaat.read_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    ckpt = iaat_run.read_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert bool(ckpt["scaler"]) == (flags["amp"] == "fp16")
     assert json.loads((tmp_path / "cut" / "config.json").read_text())["amp"] == flags["amp"]
 
@@ -203,7 +204,7 @@ def test_a_config_saved_before_the_speed_flags_still_matches(tmp_path):
                  "select_step_size"):
         del old[name]
     path.write_text(json.dumps(old))
-    assert iaat_eval.train_or_load(cfg, train_missing=False)["epochs"] == 1
+    assert iaat_notebook.train_or_load(cfg, train_missing=False)["epochs"] == 1
 
 
 def test_compiled_model_trains_and_saves_the_plain_weights(tmp_path):
@@ -211,8 +212,8 @@ def test_compiled_model_trains_and_saves_the_plain_weights(tmp_path):
     plain = iaat.train(iaat.make_config(out=str(tmp_path / "plain"), **common), log=lambda m: None)
     fast = iaat.train(iaat.make_config(out=str(tmp_path / "fast"), compile=True,
                                        channels_last="on", **common), log=lambda m: None)
-    a = iaat.read_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"]
-    b = iaat.read_checkpoint(tmp_path / "fast" / "checkpoint.pt")["model"]
+    a = iaat_run.read_checkpoint(tmp_path / "plain" / "checkpoint.pt")["model"]
+    b = iaat_run.read_checkpoint(tmp_path / "fast" / "checkpoint.pt")["model"]
     assert a.keys() == b.keys()  # no torch.compile "_orig_mod." prefix in the checkpoint
     # the same algorithm: kernels round differently, so the runs agree closely, not bitwise
     assert abs(fast["eps_mean_255"] - plain["eps_mean_255"]) < 0.5

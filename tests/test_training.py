@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import iaat
-import iaat_eval
+import iaat_notebook
 from conftest import ROOT, run_cli, tiny_cnn
 
 QUICK = ["--epochs", "3", "--warmup", "1", "--n-train", "192", "--eval-subset", "100",
@@ -206,10 +206,10 @@ def test_line_search_variant_trains(tmp_path):
 def test_train_or_load_reads_a_finished_run_and_trains_an_unfinished_one(tmp_path):
     cfg = iaat.make_config("digits", epochs=1, n_train=64, eval_subset=20, eval_steps=2,
                            out=str(tmp_path / "run"))
-    first = iaat_eval.train_or_load(cfg)
+    first = iaat_notebook.train_or_load(cfg)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     stamp = ckpt.stat().st_mtime_ns
-    assert iaat_eval.train_or_load(cfg) == first and ckpt.stat().st_mtime_ns == stamp  # read, not rerun
-    longer = iaat_eval.train_or_load(iaat.make_config("digits", epochs=2, n_train=64, eval_subset=20,
-                                                 eval_steps=2, out=str(tmp_path / "run")))
+    assert iaat_notebook.train_or_load(cfg) == first and ckpt.stat().st_mtime_ns == stamp  # read, not rerun
+    longer = iaat_notebook.train_or_load(iaat.make_config(
+        "digits", epochs=2, n_train=64, eval_subset=20, eval_steps=2, out=str(tmp_path / "run")))
     assert longer["epochs"] == 2 and ckpt.stat().st_mtime_ns != stamp  # resumed to epoch 2

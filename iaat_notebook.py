@@ -1,0 +1,87 @@
+"""The notebooks' shared helpers: their run settings (`notebook_configs`, `shorten`), the
+command that trains a run on the command line (`command_line`), a finished run or a new one
+(`train_or_load`), and their findings checked or reported (`findings`).
+
+    import iaat_notebook
+    config = iaat_notebook.notebook_configs("digits", epochs=30)
+    summary = iaat_notebook.train_or_load(config(method="at"))
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import iaat
+from iaat import Config
+from iaat_run import IAATError, changed_setting
+
+
+def shorten(cfg: Config, epochs: Optional[int]) -> Config:
+    """The same run in `epochs` epochs with its LR milestones scaled; None: as it is."""
+    if not epochs:
+        return cfg
+    milestones = tuple(round(m * epochs / cfg.epochs) for m in cfg.lr_milestones)
+    return iaat.check_config(dataclasses.replace(cfg, epochs=epochs, lr_milestones=milestones))
+
+
+def command_line(cfg: Config, script: str = "iaat.py") -> str:
+    """The `python iaat.py ...` command that trains `cfg`: its dataset, model (where it is not
+    the dataset's default), method and seed, and every setting that differs from the preset,
+    in the CLI's units."""
+    model = [] if cfg.model == iaat.make_config(cfg.dataset).model else ["--model", cfg.model]
+    words = ["python", script, "--dataset", cfg.dataset, *model, "--method", cfg.method,
+             "--seed", str(cfg.seed)]
+    for name, value in iaat.preset_changes(cfg, skip={"dataset", "method", "seed"}):
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            words += [flag, iaat.cli_value(name, value)]
+    return " ".join(words)
+
+
+def notebook_configs(dataset: str = "digits", *, model: Optional[str] = None,
+                     epochs: Optional[int] = None, seed: int = 0, runs_dir="runs",
+                     data_root: str = "data") -> Callable[..., Config]:
+    """The notebooks' shared set-up: config(**settings), the preset for `dataset` and `model`
+    (None: the dataset's) with these settings and `seed`, shortened to `epochs` (`shorten`;
+    None: the preset's schedule), in `runs_dir` under the name `python iaat.py` gives it, so
+    that runs made on the command line (say, CIFAR on a GPU) are found there."""
+    def config(**settings) -> Config:
+        cfg = shorten(iaat.make_config(dataset, model, seed=seed, data_root=data_root,
+                                       **settings), epochs)
+        return dataclasses.replace(cfg, out=str(Path(runs_dir) / iaat.run_dir(cfg).name))
+    return config
+
+
+def findings(claims: dict, strict: bool = True) -> None:
+    """A notebook's findings, {claim: whether it holds}. strict (the digits runs the notebooks
+    were written for): AssertionError naming the first claim that does not hold, else print
+    "all findings hold". Otherwise (other runs: CIFAR, another schedule) print each claim with
+    whether it holds on these runs."""
+    failed = [claim for claim, holds in claims.items() if not holds]
+    if strict:
+        if failed:  # raised, not asserted: python -O must not turn the check off
+            raise AssertionError(f"this finding does not hold: {failed[0]}")
+        print("all findings hold")
+    else:
+        for claim, holds in claims.items():
+            print(f"{'holds' if holds else 'does NOT hold'}: {claim}")
+
+
+def train_or_load(cfg: Config, log: Optional[Callable[[str], None]] = None,
+                  train_missing: bool = True) -> dict:
+    """The summary of run_dir(cfg): from its summary.json if that run finished with these
+    settings, else train (or resume) it, or with train_missing=False raise IAATError.
+    Notebooks use it to render runs made elsewhere (say, CIFAR on a GPU)."""
+    out = iaat.run_dir(cfg)
+    if (out / "summary.json").is_file() and (out / "config.json").is_file():
+        done = json.loads((out / "summary.json").read_text())
+        saved = json.loads((out / "config.json").read_text())
+        if done.get("epochs") == cfg.epochs and changed_setting(cfg, saved) is None:
+            return done
+    if not train_missing:
+        raise IAATError(f"no finished run with these settings in {out}; train it first")
+    return iaat.train(cfg, log or (lambda msg: None))
