@@ -1,4 +1,5 @@
-"""What an IAAT radius is worth: the minimal adversarial radius, rankings by radius, label noise.
+"""What an IAAT radius is worth: upper bounds on the minimal adversarial radius, rankings by radius,
+label noise.
 
     python iaat.py rank runs/digits-smallcnn-iaat-seed0          # or: iaat rank RUN
     python iaat.py rank RUN --out ranking.csv

@@ -1,4 +1,4 @@
-"""Stress the multi-process paths that once failed now and then: a torchrun job whose rank is
+"""Stress the multi-process paths where races hide: a torchrun job whose rank is
 SIGKILLed and restarted (--max-restarts 1), and a run resumed with more processes, repeated
 many times, optionally beside a CPU load. Prints one line per run and a summary.
 

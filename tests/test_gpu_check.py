@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py in its CPU smoke mode: every part runs (the `cuda` tests on the CPU
 included) and the JSON and markdown summaries hold each of them, so the GPU check cannot rot
-between the rare sessions that have a GPU."""
+on machines without a GPU."""
 import json
 import os
 import subprocess
