@@ -423,10 +423,8 @@ def counting_selection():
         stats["grad_rows"]["selection" if inside[0] else "training"] += len(x_adv)
         return grad_fn(model, x_adv, *a, **kw)
 
-    def fp16_input_grad(model, x_adv, *a, **kw):  # outside fp16 it calls iaat.input_grad
-        t = x_adv.device.type
-        if torch.is_autocast_enabled(t) and torch.get_autocast_dtype(t) == torch.float16:
-            stats["grad_rows"]["selection" if inside[0] else "training"] += len(x_adv)
+    def fp16_input_grad(model, x_adv, *a, **kw):  # one input gradient, in fp16 or not
+        stats["grad_rows"]["selection" if inside[0] else "training"] += len(x_adv)
         return fp16_fn(model, x_adv, *a, **kw)
 
     def select_epsilon(model, x, *a, **kw):

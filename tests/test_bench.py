@@ -171,8 +171,8 @@ def test_counting_selection_counts_and_puts_iaat_back():
 
 def test_counting_selection_counts_fp16_input_gradients_once():
     """Under --amp fp16 the attacks take iaat_fp16.fp16_input_grad; each row of an input
-    gradient is counted once (it calls iaat.input_grad only outside fp16 autocast): as many
-    as the model's forward passes with gradients on."""
+    gradient is counted once, inside fp16 autocast and outside it: as many as the model's
+    forward passes with gradients on."""
     cfg = iaat.make_config("digits", attack_steps=3)
     x, y = _batch()
     model = tiny_cnn().eval()

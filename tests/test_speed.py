@@ -169,6 +169,20 @@ def test_subset_and_early_exit_give_plain_algorithm_2(monkeypatch):
     assert (~up).any() and (up & ~at_prev).any() and (up & at_prev).any()
 
 
+@pytest.mark.parametrize("precision", [None, torch.bfloat16])
+def test_fp16_input_grad_outside_fp16_is_iaats_input_grad(precision):
+    """iaat_fp16 does not import iaat; outside fp16 autocast its gradient is iaat.input_grad's,
+    bit for bit (logits, gradient and state), untargeted and targeted."""
+    torch.manual_seed(0)
+    model = tiny_cnn().eval()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    for targeted in (False, True):
+        with torch.autocast("cpu", dtype=precision or torch.bfloat16, enabled=precision is not None):
+            ours = iaat_fp16.fp16_input_grad(model, x, y, targeted, "state")
+            theirs = iaat.input_grad(model, x, y, targeted, "state")
+        assert all(torch.equal(a, b) for a, b in zip(ours[:2], theirs[:2])) and ours[2] == "state"
+
+
 def test_autocast_follows_the_flag():
     cpu = torch.device("cpu")
     with iaat.autocast(iaat.make_config(amp="bf16"), cpu):
