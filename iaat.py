@@ -103,7 +103,7 @@ class Config:
     split_seed: int = option(0, "seed of the fixed digits train/test split")
     n_train: Optional[int] = option(None, "use only the first N training images (quick tries)")
     label_noise: float = option(0.0, "fraction of training labels flipped to another class, "
-                                     "drawn with --seed (flip_labels)")
+                                     "drawn with --seed (iaat.flip_labels)")
     val_size: int = option(0, "hold out N training images (stratified, fixed by --split-seed), "
                               "never trained on; each epoch's PGD accuracy on them picks best.pt "
                               "(0: none, the paper's protocol evaluates the last epoch)")

@@ -25,7 +25,7 @@ from iaat_run import IAATError
 AUTOATTACK_STAGES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T",
                      "square": "Square"}
 AUTOATTACK_PARTS = {"autoattack": tuple(AUTOATTACK_STAGES), "apgd": ("apgd-ce", "apgd-t")}
-# The batch of the reference's run_standard_evaluation (its `bs`). The result depends on it
+# The batch of the reference's run_standard_evaluation (its `batch_size`). The result depends on it
 # (each batch draws its own random starts); at the same batch and seed it is the reference's.
 AUTOATTACK_BATCH = 250
 
@@ -109,7 +109,7 @@ def autoattack_correct(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *,
     run_standard_evaluation: each stage attacks the images still standing, in batches of
     `batch_size`, and so do its checks (randomised or dynamic model, logits, number of
     classes, zero gradients, Square). With the same seed and batch size the result is the
-    reference's run_standard_evaluation(x, y, bs=batch_size), image by image; the default is
+    reference's run_standard_evaluation(x, y, batch_size=batch_size), image by image; the default is
     the reference's own default, 250 (another size draws other random starts). Only all four
     stages are AutoAttack; fewer are recorded as such in `info`. x_u8: uint8 images,
     converted per batch. Eval mode, FP32. `info`, if given, receives the settings, the

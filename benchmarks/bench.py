@@ -434,12 +434,12 @@ def counting_selection():
         stats["selection_s"] += time.perf_counter() - t0
         return out
     iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon = pgd_fooled, input_grad, select_epsilon
-    iaat_fp16.fp16_input_grad = fp16_input_grad
+    iaat_fp16.fp16_input_grad = iaat.fp16_input_grad = fp16_input_grad  # iaat imported it by name
     try:
         yield stats
     finally:
         iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon = fooled_fn, grad_fn, select_fn
-        iaat_fp16.fp16_input_grad = fp16_fn
+        iaat_fp16.fp16_input_grad = iaat.fp16_input_grad = fp16_fn
 
 
 def selection_stats(b: Bench, state: dict, batches: list) -> dict:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's digits evaluation table: the full protocol (`iaat.py eval`, digits preset) on the
+# The digits evaluation table of docs/evaluation.md: the full protocol (`iaat.py eval`, digits preset) on the
 # runs of scripts/digits_seeds.sh. The transfer attack on seed s is crafted on seed s+1 (mod 3),
 # an independently trained copy, as in the paper. Then one table of mean ± std over seeds.
 #   bash scripts/digits_eval.sh [extra `iaat.py eval` flags]   (PREFIX and SEEDS as for the runs)

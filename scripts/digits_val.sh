@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's --val-size table: IAAT and PGD-AT, seeds 0-2, each trained with VAL (200) of its
+# The --val-size table of docs/evaluation.md: IAAT and PGD-AT, seeds 0-2, each trained with VAL (200) of its
 # training images held out. Each run's best checkpoint (by PGD accuracy on the held-out images)
 # and its last are evaluated on the whole test set with PGD-1000x2 and standard AutoAttack.
 # Rerunning skips the finished runs and evaluations.

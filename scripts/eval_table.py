@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from iaat_eval import table_cells
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from iaat_report import table_cells  # noqa: E402
 
 
 def by_setting(results: list) -> dict:

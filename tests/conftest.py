@@ -13,7 +13,7 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Training figures move with the CPU thread count (README, Reproducibility), and iaat picks its
+# Training figures move with the CPU thread count (docs/reproducibility.md), and iaat picks its
 # count from the machine's load at the start of each run. The tests pick it once, by the same
 # rule, and pin it for the runs in this process and in every subprocess, so that runs they
 # compare use one count (tests/test_threads.py unpins it where it tests the rule).

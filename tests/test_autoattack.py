@@ -33,6 +33,13 @@ def test_autoattack_equals_the_reference_and_is_below_pgd_1000x2(trained):
     x_adv, y_adv = ref.run_standard_evaluation(_u8(x).float() / 255, y)  # its default batch
     ours, theirs = rows[-1].float().mean().item(), (y_adv == y).float().mean().item()
     assert abs(ours - theirs) <= 0.005 and torch.equal(rows[-1], y_adv == y), (ours, theirs)
+    # in several batches, each drawing its own random starts: the same at the same batch size
+    few = slice(0, 40)
+    small = iaat_autoattack.autoattack_correct(model, _u8(x[few]), y[few], eps=EPS, seed=0,
+                                               batch_size=16)
+    ref = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
+    _, y_small = ref.run_standard_evaluation(_u8(x[few]).float() / 255, y[few], batch_size=16)
+    assert torch.equal(small[-1], y_small == y[few])
     natural = (model(x).argmax(1) == y).float().mean().item()
     assert 0.05 < ours < natural - 0.3, "the model should be partly robust for a meaningful check"
     # each stage attacks the survivors of the last: the rows only lose images

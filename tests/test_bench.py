@@ -156,12 +156,13 @@ def test_counting_selection_counts_and_puts_iaat_back():
     cfg = iaat.make_config("digits", attack_steps=3)
     x, y = _batch()
     model = tiny_cnn().eval()
-    originals = (iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon, iaat_fp16.fp16_input_grad)
+    originals = (iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon, iaat_fp16.fp16_input_grad,
+                 iaat.fp16_input_grad)
     with bench.counting_selection() as stats:
         iaat.select_epsilon(model, x, y, torch.full((len(y),), 0.05), gamma=cfg.gamma,
                             beta=cfg.beta, steps=3)
-    assert (iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon,
-            iaat_fp16.fp16_input_grad) == originals
+    assert (iaat.pgd_fooled, iaat.input_grad, iaat.select_epsilon, iaat_fp16.fp16_input_grad,
+            iaat.fp16_input_grad) == originals
     assert stats["calls"][0][0] == len(y)
     if len(stats["calls"]) > 1:  # the second attack runs on those fooled at prev + gamma
         assert stats["calls"][1][0] == stats["calls"][0][1]
@@ -186,3 +187,15 @@ def test_counting_selection_counts_fp16_input_gradients_once():
             iaat.select_epsilon(model, x, y, torch.full((len(y),), 0.05), gamma=cfg.gamma,
                                 beta=cfg.beta, steps=3, grad_fn=iaat_fp16.fp16_input_grad)
         assert stats["grad_rows"]["selection"] == rows[0] > 0
+
+
+def test_counting_selection_counts_the_training_paths_fp16_gradients():
+    """Through iaat.choose_epsilon with --amp fp16 (the path bench.py measures), the rows of the
+    selection's fp16 input gradients are counted."""
+    cfg = iaat.make_config("digits", attack_steps=3, amp="fp16", warmup=0)
+    x, y = _batch()
+    model = tiny_cnn().eval()
+    mem = torch.full((len(y),), 0.05)
+    with bench.counting_selection() as stats, torch.autocast("cpu", dtype=torch.float16):
+        iaat.choose_epsilon(model, x, y, torch.arange(len(y)), mem, 0, cfg)
+    assert 0 < stats["grad_rows"]["selection"] <= 2 * 4 * len(y)

@@ -7,7 +7,7 @@
 2. The committed outputs pass strict nbval when the notebooks' training runs at another thread
    count than the one that made them (2 threads). A different thread count splits torch's
    reductions differently, which changes the order of the float sums as another CPU does; over
-   a training run that moves every figure that comes from training (README, Reproducibility).
+   a training run that moves every figure that comes from training (docs/reproducibility.md).
    This stands in for another machine on whatever machine CI runs.
 """
 import io

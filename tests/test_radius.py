@@ -165,7 +165,7 @@ def test_radius_bound_script_compares_attacks_on_one_bisection(runs, capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| PGD-")]
     assert [r.split(" | ")[0] for r in rows] == ["| PGD-5x1", "| PGD-20x3"], out
-    assert rows[0].split(" | ")[3:6] == ["0.0%", "0.00", "0.00"]
+    assert rows[0].split(" | ")[3:7] == ["0.0%", "0.0%", "0.00", "0.00"]
     assert "24 training images" in out
     with pytest.raises(SystemExit) as exit_:
         script["main"]([str(runs[0]), "--attacks", "20y3"])
