@@ -28,16 +28,6 @@ import iaat_radius  # noqa: E402
 import iaat_run  # noqa: E402
 
 
-def _attacks(text: str) -> list:
-    try:
-        pairs = [tuple(int(v) for v in a.split("x")) for a in text.split(",")]
-    except ValueError:
-        pairs = []
-    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
-        raise argparse.ArgumentTypeError(f"expected STEPSxRESTARTS,..., e.g. 20x3,100x10; got {text!r}")
-    return pairs
-
-
 def measure(model, x, y, attacks, *, eps_max: float, tol: float, seed: int = 0) -> list:
     """One row per attack: its radii (x/255; inf where never fooled up to eps_max) and seconds."""
     rows = []
@@ -72,7 +62,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a run folder trained by iaat.py")
     p.add_argument("--n", type=int, default=400, help="training images, drawn with --seed")
-    p.add_argument("--attacks", type=_attacks, default=_attacks("20x3,100x3,100x10"),
+    p.add_argument("--attacks", type=iaat_eval._pairs, default=((20, 3), (100, 3), (100, 10)),
                    help="PGD attacks of the bisection, the first the default (20x3)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
