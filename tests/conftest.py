@@ -14,13 +14,54 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # Training figures move with the CPU thread count (docs/reproducibility.md), and iaat picks its
-# count from the machine's load at the start of each run. The tests pick it once, by the same
-# rule, and pin it for the runs in this process and in every subprocess, so that runs they
-# compare use one count (tests/test_threads.py unpins it where it tests the rule).
+# count from the machine's load at the start of each run. The suite picks it once, by the same
+# rule, and pins it for the runs in this process and in every subprocess, so that runs they
+# compare use one count (tests/test_threads.py unpins it where it tests the rule). pytest-xdist's
+# workers (`-n`, in pyproject.toml) inherit that count and share it: N workers take 1/N each, at
+# least 1, so that their threads never wait on each other's.
 if not os.environ.get("OMP_NUM_THREADS"):
     import iaat_run
     os.environ["OMP_NUM_THREADS"] = str(iaat_run.choose_threads()[0])
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("IAAT_SUITE_THREADS"):
+    os.environ["IAAT_SUITE_THREADS"] = os.environ["OMP_NUM_THREADS"]  # the whole suite's count
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, int(os.environ["OMP_NUM_THREADS"]) // workers))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+# ===== The two tiers ==========================================================================
+# `python -m pytest` runs the quick tier: unit tests of every module, one short run of each entry
+# point and notebook 00 under nbval. `python -m pytest --full` (CI) adds every test marked `slow`
+# and the other notebooks, which tests/test_notebooks.py retrains at 1 thread under strict nbval.
+QUICK_NOTEBOOKS = {"00_algorithm_step_by_step.ipynb"}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="the whole suite, as CI runs it: also the tests marked slow and "
+                          "notebooks 01-03 (retrained at 1 thread under strict nbval)")
+
+
+def notebook_of(item):
+    """The notebook file name of an nbval cell item; None for any other test."""
+    path = Path(str(item.fspath))
+    return path.name if path.suffix == ".ipynb" else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect what the tier leaves out. Notebooks outside QUICK_NOTEBOOKS never run in this
+    process: `test_notebooks_pass_strict_nbval_trained_at_one_thread` (slow) runs them all."""
+    full = config.getoption("--full")
+    keep, drop = [], []
+    for item in items:
+        nb = notebook_of(item)
+        if nb is not None and nb not in QUICK_NOTEBOOKS or not full and item.get_closest_marker("slow"):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(autouse=True)

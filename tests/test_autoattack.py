@@ -18,6 +18,7 @@ def _u8(x):
     return (x * 255).round().to(torch.uint8)
 
 
+@pytest.mark.slow
 def test_autoattack_equals_the_reference_and_is_below_pgd_1000x2(trained):
     """On 100 test images: our stage-by-stage driver gives the result of calling the reference
     directly (AutoAttack(model, norm='Linf', eps, version='standard').run_standard_evaluation),
@@ -207,6 +208,7 @@ def _protocol(model, surrogate, x, y, parts, eps=0.1):
     return iaat_eval.run_evaluation(model, _u8(x), y, ev=ev, num_classes=10, surrogate=surrogate)
 
 
+@pytest.mark.slow
 def test_flags_fire_on_a_masked_model_and_stay_quiet_on_the_normal_one(trained, runs):
     model, x, y = trained
     idx = iaat_eval.test_subset(len(y), 150, seed=0, device="cpu")

@@ -78,6 +78,7 @@ def test_quick_run_prints_the_table(quick):
     assert f"command: {res['command']}" in out and res["hardware"]["cpu"] in out
 
 
+@pytest.mark.slow
 def test_bad_input_is_a_one_line_error(tmp_path):
     for args in (["--batch", "0"], ["--amp", "fp8"], ["--n-images", "10"]):
         proc = run_bench(*args, "--json", tmp_path / "x.json", timeout=120)

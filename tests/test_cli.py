@@ -60,6 +60,7 @@ def test_checkpoint_holding_arbitrary_objects_is_refused(tmp_path):
     _one_line_error(run_cli(*QUICK, "--out", out), "unreadable")
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_is_reported_and_kept(tmp_path):
     out = tmp_path / "run"
     assert run_cli(*QUICK, "--out", out).returncode == 0
@@ -69,6 +70,7 @@ def test_mismatched_checkpoint_is_reported_and_kept(tmp_path):
     assert before == ((out / "checkpoint.pt").read_bytes(), (out / "metrics.jsonl").read_text())
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_reported(tmp_path):
     out = tmp_path / "run"
     assert run_cli(*QUICK, "--out", out).returncode == 0
@@ -78,6 +80,7 @@ def test_checkpoint_of_another_model_is_reported(tmp_path):
     _one_line_error(run_cli(*QUICK, "--out", out), "does not match this run")
 
 
+@pytest.mark.slow
 def test_exploding_training_stops_with_one_line(tmp_path):
     r = run_cli(*QUICK, "--lr", "1e38", "--weight-decay", "1", "--batch-size", "16", "--out", tmp_path / "run")
     _one_line_error(r, "non-finite", "--lr")
@@ -106,6 +109,7 @@ def test_nan_loss_leaves_the_last_good_checkpoint(tmp_path, monkeypatch, capsys)
                                                         "eps_history.npy")]
 
 
+@pytest.mark.slow
 def test_incomplete_checkpoint_is_reported(tmp_path):
     out = tmp_path / "run"
     assert run_cli(*QUICK, "--out", out).returncode == 0
@@ -115,6 +119,7 @@ def test_incomplete_checkpoint_is_reported(tmp_path):
     _one_line_error(run_cli(*QUICK, "--out", out), "not a complete iaat checkpoint", "rng")
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_device_type_is_reported(tmp_path):
     out = tmp_path / "run"
     assert run_cli(*QUICK, "--out", out).returncode == 0
@@ -124,6 +129,7 @@ def test_checkpoint_from_another_device_type_is_reported(tmp_path):
     _one_line_error(run_cli(*QUICK, "--out", out), "written on cuda, this run is on cpu")
 
 
+@pytest.mark.slow
 def test_fresh_run_never_overwrites_another_runs_outputs(tmp_path):
     out = tmp_path / "run"
     assert run_cli(*QUICK, "--out", out).returncode == 0

@@ -13,6 +13,8 @@ import torch
 
 from conftest import ROOT, run_cli
 
+pytestmark = pytest.mark.slow  # the full tier: torchrun's start-up is most of each test
+
 ARGS = ["--epochs", "6", "--warmup", "2", "--n-train", "600", "--batch-size", "64",
         "--eval-subset", "200", "--eval-steps", "5"]
 UPDATES = 6 - 2  # Alg 2 updates of every sample: once per epoch after warmup

@@ -289,6 +289,7 @@ def _one_line_error(r, fragment, code=1):
     assert lines[0].startswith("iaat: error:") and fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_eval_cli_errors(runs, tmp_path):
     run, surrogate = runs
     _one_line_error(run_cli("eval", tmp_path / "nothing"), "checkpoint.pt not found")
@@ -334,6 +335,7 @@ def test_evaluation_runs_in_eval_mode_and_fp32(trained):
         assert in_train[key] == in_eval[key], key
 
 
+@pytest.mark.slow
 def test_eval_cli_random_targeted_and_a_100_class_corruption_set(runs, tmp_path):
     run = runs[0]
     r = run_cli("eval", run, "--parts", "whitebox", "--whitebox", "5x2", "--targeted", "random",

@@ -23,6 +23,7 @@ def test_cuda_tests_count_as_ok_only_when_every_one_ran():
             gpu_check.ran_every_test(summary)
 
 
+@pytest.mark.slow
 def test_the_cpu_smoke_run_writes_every_section(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device",
                         "cpu", "--quick", "--out", str(tmp_path)], capture_output=True,

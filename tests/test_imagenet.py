@@ -21,7 +21,8 @@ SCRIPT = ROOT / "imagenet" / "train.py"
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 8, 4
 TINY = ["--arch", "resnet18", "--batch-size", "4", "--image-size", "32", "--resize", "36",
         "--device", "cpu", "--workers", "1", "--eval-steps", "3", "--eval-eps", "4", "8",
-        "--print-every", "1", "--lr-warmup", "1", "--epochs", "2", "--warmup", "1"]
+        "--print-every", "1", "--lr-warmup", "1", "--epochs", "2", "--warmup", "1",
+        "--attack-steps", "3", "--select-steps", "2"]  # short attacks: these tests check the run, not PGD
 
 
 def load_script():
@@ -111,6 +112,7 @@ def test_rank_zero_alone_logs_with_images_per_second(two):
     assert "2 processes x 4" in r.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_same_command_resumes(imagenet, tmp_path):
     out = tmp_path / "run"
     args = ["--data", imagenet, *TINY, "--amp", "fp16", "--save-every", "1", "--epochs", "3",
@@ -215,6 +217,7 @@ def test_mce_of_a_colour_classifier_is_exact(imagenet_c):
     assert mce == pytest.approx(np.mean(list(want.values())))
 
 
+@pytest.mark.slow
 def test_evaluate_only_adds_the_mce_column(two, imagenet, imagenet_c):
     out, _ = two
     r = run("--data", imagenet, "--out", out, "--evaluate-only", "--imagenet-c", imagenet_c[0],
@@ -232,6 +235,7 @@ def test_evaluate_only_adds_the_mce_column(two, imagenet, imagenet_c):
     (["--data", "x", "--batch-size", "0"], "--batch-size must be positive"),
     (["--arch", "resnet18"], "--data is required"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line(args, message):
     r = run(*args, "--device", "cpu")
     assert r.returncode != 0
@@ -239,6 +243,7 @@ def test_bad_input_is_one_line(args, message):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_reports_each_precision(tmp_path):
     path = tmp_path / "throughput.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "imagenet_throughput.py"),
@@ -260,6 +265,7 @@ def test_sync_bn_converts_every_batchnorm():
     assert not any(isinstance(k, torch.nn.SyncBatchNorm) for k in m.build_model("resnet18", 3).modules())
 
 
+@pytest.mark.slow
 def test_sync_bn_on_cpu_processes_is_a_one_line_error(imagenet, tmp_path):
     r = run("--data", imagenet, *TINY, "--sync-bn", "--out", tmp_path / "run", torchrun=True)
     assert r.returncode != 0
@@ -269,6 +275,7 @@ def test_sync_bn_on_cpu_processes_is_a_one_line_error(imagenet, tmp_path):
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_another_number_of_processes_is_refused(two, imagenet):
     out, _ = two
     r = run("--data", imagenet, *TINY, "--amp", "bf16", "--epochs", "3", "--out", out)

@@ -22,7 +22,7 @@ import nbformat
 import pytest
 from nbval.plugin import comment_markers, find_comment_markers, metadata_tags
 
-from conftest import ROOT, write_fake_cifar
+from conftest import QUICK_NOTEBOOKS, ROOT, write_fake_cifar
 import iaat_notebook
 import iaat_run
 
@@ -104,6 +104,7 @@ def test_marker_check_catches_markers_nbval_ignores():
         "NBVAL_SKIP, PYTEST_VALIDATE_IGNORE_OUTPUT; put any explanation on the next line)")
 
 
+@pytest.mark.slow
 def test_notebooks_pass_strict_nbval_trained_at_one_thread(tmp_path):
     """All the notebooks retrained from scratch at 1 thread (their committed outputs come from
     2), then compared strictly, as `python -m pytest` compares them. Copies in tmp_path have an
@@ -145,7 +146,9 @@ def _set_parameters(source: str, values: dict) -> str:
     return "\n".join(lines)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", [  # the quick tier takes notebook 00's, the full tier every one
+    pytest.param(p, id=p.name, marks=() if p.name in QUICK_NOTEBOOKS else pytest.mark.slow)
+    for p in NOTEBOOKS])
 def test_notebook_renders_cifar_runs_made_from_its_printed_commands(path, tmp_path, monkeypatch,
                                                                     no_md5):
     """The CIFAR path of a notebook, as a GPU user takes it: set DATASET = "cifar10" (here with

@@ -133,6 +133,7 @@ def test_rank_writes_the_runs_images_sorted_by_radius(tmp_path):
         (run / "radius_ranking.csv").read_text()
 
 
+@pytest.mark.slow
 def test_rank_bad_run_folder_is_one_line_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -94,6 +94,7 @@ def test_the_estimate_says_it_is_one_and_scales_with_the_work(monkeypatch):
     assert 5 < hours < 40 and longer > 5 * hours  # 12x the FLOPs per image, 110 epochs not 200
 
 
+@pytest.mark.slow
 def test_the_shell_command_prints_the_estimate():
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     script = str(ROOT / "scripts" / "reproduce_table1.sh")

@@ -193,6 +193,7 @@ def test_autocast_follows_the_flag():
     assert iaat.uses_channels_last(iaat.make_config(channels_last="on"), cpu)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [dict(amp="fp16", channels_last="on"), dict(amp="bf16")])
 def test_mixed_precision_training_resumes_to_the_same_state(tmp_path, flags):
     """A run with --amp stopped after an epoch and resumed ends where an uninterrupted run does;
@@ -221,6 +222,7 @@ def test_a_config_saved_before_the_speed_flags_still_matches(tmp_path):
     assert iaat_notebook.train_or_load(cfg, train_missing=False)["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_compiled_model_trains_and_saves_the_plain_weights(tmp_path):
     common = dict(epochs=2, warmup=1, n_train=256, eval_subset=0, seed=2)
     plain = iaat.train(iaat.make_config(out=str(tmp_path / "plain"), **common), log=lambda m: None)

@@ -39,17 +39,37 @@ def test_threads_flag_and_omp_num_threads_win(monkeypatch):
     assert iaat_run.choose_threads(2) == (2, "--threads")
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
-def test_idle_cores_sees_a_core_kept_busy():
-    cores = len(os.sched_getaffinity(0))
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(0.3)  # let it start
-        idle = iaat_run.idle_cores(1.0)
-    finally:
-        busy.kill()
-        busy.wait()
-    assert idle is not None and 0 <= idle <= cores - 0.6, (idle, cores)
+def _proc_stat(*cores):
+    """/proc/stat's text with the cpu rows of `cores`, each (busy, idle) jiffies: user holds the
+    busy time and idle the idle time; the other six columns stay 0."""
+    rows = [f"cpu{n} {busy} 0 0 {idle} 0 0 0 0 0 0" for n, (busy, idle) in enumerate(cores)]
+    total = [sum(c[0] for c in cores), sum(c[1] for c in cores)]
+    return "\n".join([f"cpu  {total[0]} 0 0 {total[1]} 0 0 0 0 0 0", *rows, "intr 1 2 3", ""])
+
+
+@pytest.mark.parametrize("before, after, affinity, expected", [
+    # two cores: one busy for the whole second (100 jiffies), one idle
+    ([(0, 0), (0, 0)], [(100, 0), (0, 100)], {0, 1}, 1.0),
+    ([(500, 10), (7, 900)], [(550, 60), (57, 950)], {0, 1}, 1.0),  # half of each core busy
+    ([(0, 0), (0, 0)], [(0, 100), (0, 100)], {0, 1}, 2.0),
+    ([(0, 0), (0, 0), (0, 0)], [(100, 0), (25, 75), (0, 100)], {1, 2}, 1.75),  # cpu0 not ours
+])
+def test_idle_cores_reads_two_snapshots_of_proc_stat(monkeypatch, before, after, affinity,
+                                                      expected):
+    """A fixed /proc/stat, so the answer cannot depend on this machine's load or size."""
+    import io
+    snapshots = iter([_proc_stat(*before), _proc_stat(*after)])
+    monkeypatch.setattr(iaat_run, "open", lambda path: io.StringIO(next(snapshots)), raising=False)
+    monkeypatch.setattr(iaat_run.os, "sched_getaffinity", lambda pid: affinity)
+    monkeypatch.setattr(iaat_run.time, "sleep", lambda seconds: None)
+    assert iaat_run.idle_cores() == pytest.approx(expected)
+
+
+def test_idle_cores_is_none_where_it_cannot_tell(monkeypatch):
+    def unreadable(path):
+        raise FileNotFoundError(path)
+    monkeypatch.setattr(iaat_run, "open", unreadable, raising=False)
+    assert iaat_run.idle_cores(0) is None
 
 
 def _train(out, *flags):
@@ -59,6 +79,7 @@ def _train(out, *flags):
                           capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.slow
 def test_a_run_records_its_thread_count_and_a_resume_keeps_it(tmp_path):
     first = _train(tmp_path, "--epochs", "1", "--threads", "1")
     assert first.returncode == 0, first.stderr

@@ -158,6 +158,7 @@ def _start_and_wait_for(out, name):
     return proc
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_state(tmp_path, uninterrupted):
     out = tmp_path / "run"
     proc = _start_and_wait_for(out, "metrics.jsonl")  # epoch 1 just ended: kill mid-write
@@ -185,6 +186,7 @@ def test_sigterm_saves_mid_epoch_and_resumes(tmp_path, uninterrupted):
     _assert_same_final_state(uninterrupted, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,eps", [("at", 0.2), ("clean", 0.0)])
 def test_baselines_train(tmp_path, method, eps):
     out = tmp_path / method
@@ -194,6 +196,7 @@ def test_baselines_train(tmp_path, method, eps):
     assert f"final digits smallcnn {method}" in r.stdout
 
 
+@pytest.mark.slow
 def test_line_search_variant_trains(tmp_path):
     out = tmp_path / "ls"
     r = run_cli(*QUICK, "--epochs", "1", "--warmup", "0", "--line-search", "--out", out)

@@ -112,6 +112,7 @@ def val_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_best_pt_matches_metrics_of_a_real_run(val_run):
     rows = _rows(val_run)
     scores = [r["val_pgd"] for r in rows]
@@ -141,6 +142,7 @@ def _whole_run(tmp_path, monkeypatch, cfg, scores):
     return _both(tmp_path / "whole")
 
 
+@pytest.mark.slow
 def test_a_kill_between_last_and_best_checkpoint_is_repaired_on_resume(tmp_path, monkeypatch):
     """checkpoint.pt of epoch 2 (a new best) written, the kill before best.pt: the resumed run
     starts at the end of epoch 2 and writes best.pt from it first."""
@@ -166,6 +168,7 @@ def test_a_kill_between_last_and_best_checkpoint_is_repaired_on_resume(tmp_path,
     assert [r["val_pgd"] for r in _rows(tmp_path / "run")] == scores
 
 
+@pytest.mark.slow
 def test_a_redone_epoch_that_scores_otherwise_keeps_best_consistent(tmp_path, monkeypatch):
     """On a GPU a redone epoch need not repeat itself. Kill epoch 2, a new best, just before
     its checkpoint.pt; the redo scores lower: best.pt, metrics and summary all stay at 1."""
@@ -189,6 +192,7 @@ def test_a_redone_epoch_that_scores_otherwise_keeps_best_consistent(tmp_path, mo
     assert best["epoch"] == summary["best_epoch"] == 1 and summary["best_val_pgd"] == 0.1
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_the_same_best(tmp_path, val_run):
     """A SIGKILL from outside, as soon as best.pt first appears (during epoch 2)."""
     out = tmp_path / "run"
@@ -207,6 +211,7 @@ def test_a_killed_run_resumes_with_the_same_best(tmp_path, val_run):
         _same_checkpoint(a, b)
 
 
+@pytest.mark.slow
 def test_eval_picks_the_checkpoint_and_says_which(val_run, tmp_path):
     best_epoch = torch.load(val_run / "best.pt", weights_only=True)["epoch"]
     quick = ("--parts", "whitebox", "--whitebox", "5x1", "--n-examples", "40")
