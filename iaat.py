@@ -615,7 +615,7 @@ def clean_correct(model, x, y) -> torch.Tensor:
         return model(x).argmax(1) == y
 
 def training_inputs(model, x, y, eps: torch.Tensor, correct: torch.Tensor, cfg: Config):
-    """Alg 1 l.7-11 as one batch: x_adv_i (PGD at eps_i) for S+, the clean x_i for S-.
+    """Alg 1 l.8-11 as one batch: x_adv_i (PGD at eps_i, l.8) for S+, the clean x_i for S-.
     Attacking with eps_i = 0 for S- returns those x_i unchanged, so the mean cross-entropy of
     this batch is exactly the loss of Alg 1 l.11."""
     with model_mode(model, cfg.attack_bn == "train"):
