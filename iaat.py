@@ -1075,14 +1075,13 @@ def config_from_args(argv) -> Config:
 def main(argv=None) -> int:
     """`python iaat.py [flags]`: train (or resume) one run and print its final summary;
     `python iaat.py eval RUN_DIR [flags]`: the paper's evaluation protocol on a trained run;
-    `python iaat.py rank RUN_DIR`: its training images by final radius, as a CSV."""
+    `python iaat.py rank RUN_DIR`: its training images by final radius, as a CSV;
+    `python iaat.py export RUN_DIR OUT`: its checkpoint in RobustBench's formats."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["eval"]:  # the only imports from modules above this file
-        import iaat_eval
-        return iaat_eval.main(argv[1:])
-    if argv[:1] == ["rank"]:
-        import iaat_radius
-        return iaat_radius.main(argv[1:])
+    if argv[:1] in (["eval"], ["rank"], ["export"]):  # the only imports from modules above
+        import iaat_eval, iaat_export, iaat_radius  # noqa: E401 (this file's)
+        handed = {"eval": iaat_eval, "rank": iaat_radius, "export": iaat_export}
+        return handed[argv[0]].main(argv[1:])
     try:
         cfg = config_from_args(argv)
         with process_group(pick_device(cfg.device)):

@@ -38,8 +38,8 @@ from iaat import (PIXEL, Config, Step, ball, build_model, clean_correct, input_g
                   uniform_start)
 from iaat_autoattack import (AUTOATTACK_BATCH, AUTOATTACK_PARTS, AUTOATTACK_STAGES,
                              autoattack_correct)
-from iaat_report import (eval_table, flag_notes, pgd_name, plot_sweeps, sanity_flags, stage_notes,
-                         sweep_tables)
+from iaat_report import (eval_table, flag_notes, model_info, pgd_name, plot_sweeps, sanity_flags,
+                         stage_notes, sweep_tables)
 from iaat_run import (CLIParser, IAATError, atomic_write, choose_threads, pick_device,
                       read_checkpoint, write_json)
 
@@ -510,8 +510,8 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: Optional[str] =
     (eval_settings: parts, eps, step_size, whitebox, transfer, eps_sweep, sweep_attack,
     steps_sweep, targeted, n_examples, seed, batch_size, autoattack_batch_size, preset; radii
     in [0,1]), print the table and write <run>/<name>.json (default name: eval, or eval_best;
-    rewritten after every part, with "complete": false until the end), .md and the sweep plots.
-    Returns the results."""
+    rewritten after every part, with "complete": false until the end), .md, the sweep plots
+    and, with the autoattack part, RobustBench's <name>_model_info.json. Returns the results."""
     run = Path(run)
     surrogate = Path(surrogate) if surrogate is not None else None
     corruptions = Path(corruptions) if corruptions is not None else None
@@ -569,6 +569,11 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: Optional[str] =
                 stage_notes(res), flag_notes(res)))) + "\n" + sweep_tables(res) + "\n")
     print(text)
     write_json(json_path, res)
+    info = run / f"{name}_model_info.json"  # RobustBench's format (docs/robustbench.md)
+    if "autoattack" in res:
+        write_json(info, model_info(res))
+    else:  # none left from an earlier evaluation under this name
+        info.unlink(missing_ok=True)
     atomic_write(run / f"{name}.md", lambda p: p.write_text(text))
     plot_sweeps(res, run, name)
     return res

@@ -82,6 +82,55 @@ def stage_notes(r: dict) -> str:
 
 
 # ============================================================================================
+# RobustBench's model_info: the result in the format of a leaderboard submission
+# ============================================================================================
+
+# RobustBench's name of each network ("architecture"), and the paper of the method, where the
+# method is the paper's own (the fields a submission cites; unknown for the baselines)
+ARCHITECTURE_NAMES = {"resnet18": "PreActResNet-18", "wrn32-10": "WideResNet-34-10",
+                      "smallcnn": "SmallCNN"}
+PAPERS = {"iaat": {"link": "https://arxiv.org/abs/1910.08051",
+                   "name": "Instance adaptive adversarial training: Improved accuracy tradeoffs "
+                           "in neural nets",
+                   "authors": "Yogesh Balaji, Tom Goldstein, Judy Hoffman",
+                   "venue": "arXiv, Oct 2019"}}
+TEST_SET_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "digits": 497}
+METHOD_NAMES = {"iaat": "IAAT", "at": "PGD-AT (Madry et al.)", "clean": "standard training"}
+
+
+def robustbench_percent(acc: float) -> str:
+    """An accuracy as RobustBench writes it into model_info (robustbench.utils.update_json)."""
+    return str(round(acc * 100, 2))
+
+
+def model_info(r: dict) -> dict:
+    """RobustBench's model_info of an evaluation with the autoattack part (an eval.json), the
+    fields of its model_info/<dataset>/Linf/*.json files in their order and formats:
+    clean_acc and autoattack_acc as its update_json writes them, `reported` = autoattack_acc
+    (the number this evaluation reports), eps as "8/255", the network's name, no additional
+    data, one forward pass. The paper's link, title, authors and venue for IAAT runs, None
+    for the baselines (the submitter's to fill); the footnote says which checkpoint was
+    attacked and on how many test images. Nothing else: no number that was not measured."""
+    if "autoattack_details" not in r:
+        raise ValueError("model_info needs an evaluation with the autoattack part")
+    d = r["autoattack_details"]
+    full = TEST_SET_SIZES.get(r["dataset"])
+    images = "the whole test set" if r["n_examples"] == full else \
+        f"{r['n_examples']} of the {full or '?'} test images (seed {r['eval_seed']})"
+    paper = PAPERS.get(r["method"], dict.fromkeys(("link", "name", "authors", "venue")))
+    return {"link": paper["link"], "name": paper["name"], "authors": paper["authors"],
+            "additional_data": False, "number_forward_passes": 1, "dataset": r["dataset"],
+            "venue": paper["venue"], "architecture": ARCHITECTURE_NAMES[r["model"]],
+            "eps": f"{r['eps_255']:g}/255", "clean_acc": robustbench_percent(r["natural"]),
+            "reported": robustbench_percent(r["autoattack"]),
+            "autoattack_acc": robustbench_percent(r["autoattack"]),
+            "footnote": f"{METHOD_NAMES[r['method']]} trained with the iaat reference "
+                        f"implementation, {r['checkpoint']} checkpoint (epoch "
+                        f"{r['checkpoint_epoch']} of {r['epochs']}); {d['version']} AutoAttack "
+                        f"({d['package']}, {d['norm']}) on {images}."}
+
+
+# ============================================================================================
 # Sanity flags: signs of gradient masking or of an unconverged attack
 # ============================================================================================
 

@@ -10,10 +10,13 @@
    the transfer PGD-1000x2 from seed 1, standard AutoAttack, and with --corruptions the
    CIFAR-10-C accuracy (`iaat.py eval`, the paper preset).
 3. Print the table beside the paper's numbers and write it to OUT/table-DATASET-MODEL.md.
+4. Export the PGD-AT and IAAT runs (seed 0) in RobustBench's formats, with their evaluation
+   and its model_info: OUT/export-<run>/ (`iaat.py export`, docs/robustbench.md).
 
 Rerunning the command skips what is done: a finished run (its summary.json with these
 settings), a complete evaluation (eval.json) of that run's final checkpoint by the same
-command; a run cut short resumes, an evaluation cut short restarts. Everything runs in this
+command, an export of that evaluation; a run cut short resumes, an evaluation cut short
+restarts. Everything runs in this
 one process, one stage after another; each stage prints the `python iaat.py ...` command it
 stands for.
 """
@@ -53,6 +56,7 @@ PAPER = {
                                "iaat": (68.80, 26.17, 24.22, 24.36, 35.18, None)},
 }
 NAMES = {"clean": "Clean", "at": "PGD-AT", "iaat": "IAAT"}
+EXPORTED = ("at", "iaat")  # shared in RobustBench's formats at the end
 # flags the script sets itself, and so refuses in --train-flags and --eval-flags
 SET_HERE = {"train": ("--dataset", "--model", "--method", "--seed", "--out"),
             "eval": ("--surrogate", "--corruptions", "--name", "--checkpoint")}
@@ -165,6 +169,22 @@ def evaluated(run: Path, argv: list) -> bool:
     return bool(res.get("complete")) and res.get("checkpoint_epoch") == epochs and made_by == argv
 
 
+def export_argv(args, method: str) -> list:
+    run = run_dir(args.out, args.dataset, args.model, method, 0)
+    return ["export", str(run), str(args.out / f"export-{run.name}")]
+
+
+def exported(argv: list) -> bool:
+    """Whether the folder of `python iaat.py ARGV` holds the export of its run's evaluation,
+    written after it."""
+    record, evaluation = Path(argv[2]) / "export.json", Path(argv[1]) / "eval.json"
+    try:
+        return json.loads(record.read_text())["evaluation"] == json.loads(
+            evaluation.read_text()) and record.stat().st_mtime_ns > evaluation.stat().st_mtime_ns
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def stage(argv: list, done: bool, log) -> None:
     """`python iaat.py ARGV`, in this process, unless `done`; SystemExit if it fails."""
     command = "python iaat.py " + shlex.join(argv)
@@ -257,6 +277,9 @@ def main(argv=None, log=print) -> int:
     path = args.out / f"table-{args.dataset}-{args.model}.md"
     iaat_run.atomic_write(path, lambda p: p.write_text(text))
     log(f"written to {path}")
+    for method in EXPORTED:
+        argv = export_argv(args, method)
+        stage(argv, exported(argv), log)
     return 0
 
 

@@ -6,9 +6,10 @@ from conftest import ROOT
 
 # each module may import only modules of a lower layer
 LAYERS = {"iaat_run": 0, "iaat_plot": 1, "iaat_fp16": 1, "iaat": 2, "iaat_autoattack": 3,
-          "iaat_report": 4, "iaat_eval": 5, "iaat_radius": 6, "iaat_notebook": 6}
-# the command line's hand-over: `python iaat.py eval|rank` imports these inside iaat.main alone
-HANDED_OVER = {("iaat", "main"): {"iaat_eval", "iaat_radius"}}
+          "iaat_report": 4, "iaat_eval": 5, "iaat_radius": 6, "iaat_notebook": 6,
+          "iaat_export": 6}
+# the command line's hand-over: `python iaat.py eval|rank|export` imports these inside iaat.main
+HANDED_OVER = {("iaat", "main"): {"iaat_eval", "iaat_radius", "iaat_export"}}
 LIMITS = {"iaat": 1100}  # lines; every other module at most 700
 
 

@@ -41,23 +41,33 @@ def test_reproduce_table1_end_to_end_and_resumed(tmp_path, no_md5):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "(ours)" in line]
     assert [r.split(" |")[0] for r in rows] == ["| Clean (ours)", "| PGD-AT (ours)", "| IAAT (ours)"]
     assert "PGD-2x1" in table and "AutoAttack" in table
+    exports = {m: tmp_path / "runs" / f"export-cifar10-smallcnn-{m}-seed0" for m in ("at", "iaat")}
+    for method, export in exports.items():  # in RobustBench's formats, with the run's numbers
+        res = json.loads((runs[method, 0] / "eval.json").read_text())
+        assert json.loads((export / "export.json").read_text())["evaluation"] == res
+        info = json.loads((export / "model_info.json").read_text())
+        assert info["autoattack_acc"] == str(round(100 * res["autoattack"], 2))
+        assert {"model.pt", "model.py"} <= set(os.listdir(export))
+    assert not (tmp_path / "runs" / "export-cifar10-smallcnn-clean-seed0").exists()
 
-    # a second call does nothing again; a missing evaluation is redone, nothing else
+    # a second call does nothing again; a missing evaluation is redone, and its export
     checkpoint = runs["iaat", 1] / "checkpoint.pt"
     mtime = checkpoint.stat().st_mtime_ns
     (runs["at", 0] / "eval.json").unlink()
     lines.clear()
     assert reproduce.main(argv, log=lines.append) == 0
     running = [line for line in lines if line.startswith("running")]
-    assert sum(line.startswith("done already") for line in lines) == 8
-    assert len(running) == 1 and f"eval {runs['at', 0]} " in running[0]
+    assert sum(line.startswith("done already") for line in lines) == 9
+    assert len(running) == 2 and f"eval {runs['at', 0]} " in running[0]
+    assert f"export {runs['at', 0]} {exports['at']}" in running[1]
     assert checkpoint.stat().st_mtime_ns == mtime
     assert (tmp_path / "runs" / "table-cifar10-smallcnn.md").read_text() == table
     # other evaluation flags: the three evaluations are redone, the runs are not
     lines.clear()
     assert reproduce.main(argv[:-1] + [TINY_EVAL.replace("2x1", "3x1")], log=lines.append) == 0
     running = [line for line in lines if line.startswith("running")]
-    assert len(running) == 3 and all(" eval " in line for line in running)
+    assert len(running) == 5 and all(" eval " in line for line in running[:3])
+    assert all(" export " in line for line in running[3:])
     assert "PGD-3x1" in (tmp_path / "runs" / "table-cifar10-smallcnn.md").read_text()
     assert checkpoint.stat().st_mtime_ns == mtime
 
