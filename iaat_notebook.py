@@ -1,6 +1,8 @@
 """The notebooks' shared helpers: their run settings (`notebook_configs`, `shorten`), the
-command that trains a run on the command line (`command_line`), a finished run or a new one
-(`train_or_load`), and their findings checked or reported (`findings`).
+command that trains a run on the command line (`command_line`) and its settings in words
+(`describe`), a finished run or a new one
+(`train_or_load`), a run trained one epoch at a time with its training images' clean loss after
+each (`loss_history`), and their findings checked or reported (`findings`).
 
     import iaat_notebook
     config = iaat_notebook.notebook_configs("digits", epochs=30)
@@ -13,9 +15,13 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 import iaat
 from iaat import Config
-from iaat_run import IAATError, changed_setting
+from iaat_run import IAATError, atomic_write, changed_setting, read_checkpoint
 
 
 def shorten(cfg: Config, epochs: Optional[int]) -> Config:
@@ -40,6 +46,20 @@ def command_line(cfg: Config, script: str = "iaat.py") -> str:
         elif value is not None:
             words += [flag, iaat.cli_value(name, value)]
     return " ".join(words)
+
+
+def describe(cfg: Config) -> str:
+    """The settings a run trains with, on one line, in the paper's terms and the CLI's units."""
+    def px(v: float) -> str:
+        return f"{v * 255:g}/255"
+    method = {"iaat": f"IAAT: eps_w {px(cfg.eps_w)}, warmup {cfg.warmup} epochs, gamma "
+                      f"{px(cfg.gamma)}, beta {cfg.beta:g}",
+              "at": f"PGD-AT at eps {px(cfg.eps_w)}", "clean": "clean training"}[cfg.method]
+    step = px(cfg.step_size) if cfg.step_rel is None else f"{cfg.step_rel:g} eps_i / k"
+    noise = f"; {cfg.label_noise:.0%} of the labels flipped" if cfg.label_noise else ""
+    return (f"{method}; PGD-{cfg.attack_steps}, step {step}; {cfg.model}, {cfg.epochs} epochs of "
+            f"batch {cfg.batch_size}, LR {cfg.lr:g} x{cfg.lr_decay:g} at epochs "
+            f"{', '.join(map(str, cfg.lr_milestones))}; seed {cfg.seed}{noise}")
 
 
 def notebook_configs(dataset: str = "digits", *, model: Optional[str] = None,
@@ -85,3 +105,35 @@ def train_or_load(cfg: Config, log: Optional[Callable[[str], None]] = None,
     if not train_missing:
         raise IAATError(f"no finished run with these settings in {out}; train it first")
     return iaat.train(cfg, log or (lambda msg: None))
+
+
+def loss_history(cfg: Config, train_missing: bool = True,
+                 log: Optional[Callable[[str], None]] = None) -> Optional[np.ndarray]:
+    """(epochs, training images): the clean cross-entropy of every training image, against the
+    label it is trained on, after each epoch of the run `cfg`; a record of the whole run, as
+    eps_history.npy is of the radii. The run is trained one epoch at a time: a run resumed at
+    the end of an epoch ends bit for bit where an uninterrupted one does, so this is the run
+    the command line trains. The record is kept beside it, as clean_loss_history.npy, and read
+    back. None for a run trained without it (on the command line, say): the losses of its
+    earlier models are gone."""
+    import iaat_eval  # the layer below: loading a run
+    out = iaat.run_dir(cfg)
+    path = out / "clean_loss_history.npy"
+    rows = list(np.load(path)) if path.is_file() else []
+    if (out / "checkpoint.pt").is_file():
+        saved = read_checkpoint(out / "checkpoint.pt")
+        if (saved["epoch"], saved["step"]) != (len(rows), 0):
+            return None  # trained without the record, or further than it
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # np.save on a name would append ".npy" to it
+            np.save(f, np.stack(rows))
+    for epoch in range(len(rows) + 1, cfg.epochs + 1):
+        train_or_load(dataclasses.replace(cfg, epochs=epoch), log, train_missing)
+        model, _, data, _ = iaat_eval.load_run(out, data_root=cfg.data_root)
+        with torch.no_grad():
+            rows.append(torch.cat([F.cross_entropy(model(iaat.to_float(x)), y, reduction="none")
+                                   for x, y in zip(data.train_x.split(500),
+                                                   data.train_y.split(500))]).numpy())
+        atomic_write(path, save)
+    return np.stack(rows)

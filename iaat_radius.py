@@ -114,13 +114,19 @@ def write_ranking(run, out=None, data_root: Optional[str] = None) -> Path:
 def suspicion_scores(score: np.ndarray, flagged: np.ndarray, top: float = 0.05) -> dict:
     """How well a small `score` (a radius, or minus a loss) picks out the `flagged` images:
     {"auroc": area under the ROC curve of -score against flagged, "precision": the share of
-    flagged images among the round(top * n) smallest scores (ties by index)}."""
+    flagged images among the round(top * n) smallest scores, "tied": how many images share the
+    score at that cut}. Images tied at the cut are taken in random order, so "precision" is its
+    expected value: those below the cut count fully, the tied ones in proportion (a ranking
+    that ties many images cannot pass for precise by the order of their indices)."""
     from sklearn.metrics import roc_auc_score
     score, flagged = np.asarray(score, np.float64), np.asarray(flagged, bool)
     k = max(1, round(top * len(score)))
-    smallest = np.lexsort((np.arange(len(score)), score))[:k]
-    return {"auroc": float(roc_auc_score(flagged, -score)),
-            "precision": float(flagged[smallest].mean())}
+    cut = np.sort(score)[k - 1]
+    tied = np.isclose(score, cut, rtol=1e-6, atol=0)  # equal up to float rounding
+    below = (score < cut) & ~tied
+    expected = flagged[below].sum() + (k - below.sum()) * flagged[tied].mean()
+    return {"auroc": float(roc_auc_score(flagged, -score)), "precision": float(expected / k),
+            "tied": int(tied.sum())}
 
 
 def main(argv=None) -> int:

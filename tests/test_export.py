@@ -137,6 +137,7 @@ def test_an_export_loads_in_robustbench_with_the_projects_logits(
         assert {"mu", "sigma", "net.net.0.weight"} <= set(theirs.state_dict())
 
 
+@pytest.mark.slow
 def test_a_wideresnet_export_is_robustbenchs_wideresnet(tmp_path, robustbench, monkeypatch):
     """WideResNet-34-10 (46M weights; the evaluation recorded is a stand-in: any complete one of
     this checkpoint will do)."""
@@ -165,6 +166,7 @@ def test_keys_are_renamed_block_by_block():
     assert iaat_export.robustbench_class("digits", "resnet18") is None  # 1x8x8: not its classes
 
 
+@pytest.mark.slow
 def test_eval_and_export_write_robustbench_model_info(runs, tmp_path, robustbench, monkeypatch):
     """`iaat eval --parts autoattack` writes model_info with the fields and formats of
     RobustBench's files, filled from the run; RobustBench's own update_json (what its

@@ -104,6 +104,47 @@ def test_marker_check_catches_markers_nbval_ignores():
         "NBVAL_SKIP, PYTEST_VALIDATE_IGNORE_OUTPUT; put any explanation on the next line)")
 
 
+# A figure in the prose: a decimal or a percentage, not a paper reference ("section 5.1")
+FIGURE = re.compile(r"(?<![\w.])(?<!section )(?<!Sec )(\d+\.\d+%?|\d+%)(?![\w.]*\d)")
+
+
+def unprinted_figures(nb) -> list:
+    """The figures in a notebook's markdown that none of its code cells prints or sets: a prose
+    figure x with d decimals is printed if some number y in the outputs or the code rounds to it
+    (y or 100 y, for a percentage of a fraction). Code spans and links are not prose."""
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    text = "\n".join([c.source for c in code] + [str(o.get("text", "")) + str(o.get("data", {}).get(
+        "text/plain", "")) for c in code for o in c.get("outputs", [])])
+    printed = [float(v) for v in re.findall(r"\d+(?:\.\d+)?", text)]
+    missing = []
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        prose = re.sub(r"`[^`]*`|\]\([^)]*\)", " ", cell.source)
+        for figure in FIGURE.findall(prose):
+            value = figure.rstrip("%")
+            d = len(value.split(".")[1]) if "." in value else 0
+            if not any(round(y, d) == float(value) or round(100 * y, d) == float(value)
+                       for y in printed):
+                missing.append(figure)
+    return missing
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_every_figure_in_the_prose_is_printed_by_the_notebook(path):
+    """A student can check each number the text cites against the output beside it."""
+    missing = unprinted_figures(nbformat.read(path, as_version=4))
+    assert not missing, f"{path.name}: the prose cites figures no cell prints: {missing}"
+
+
+def test_the_figure_check_finds_a_figure_no_cell_prints():
+    cells = [nbformat.v4.new_markdown_cell("IAAT gets 50.3% (PGD-20), 98.6% clean, Sec 5.1, "
+                                           "`--eps 1.5`, 0.42 and 7%."),
+             nbformat.v4.new_code_cell("LABEL_NOISE = 0.07")]
+    cells[1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="pgd 0.5030 nat 98.61\n")]
+    assert unprinted_figures(nbformat.v4.new_notebook(cells=cells)) == ["0.42"]
+
+
 @pytest.mark.slow
 def test_notebooks_pass_strict_nbval_trained_at_one_thread(tmp_path):
     """All the notebooks retrained from scratch at 1 thread (their committed outputs come from
@@ -208,3 +249,13 @@ def test_findings_are_asserted_on_digits_and_reported_elsewhere(capsys):
     iaat_notebook.findings(claims, strict=False)
     assert capsys.readouterr().out == ("holds: the radius follows the margin\n"
                                        "does NOT hold: IAAT dominates\n")
+
+
+def test_describe_says_a_runs_settings_in_the_clis_units():
+    config = iaat_notebook.notebook_configs("digits", epochs=20)
+    assert iaat_notebook.describe(config(label_noise=0.05)) == (
+        "IAAT: eps_w 51/255, warmup 5 epochs, gamma 12.75/255, beta 0.1; PGD-10, step 12.75/255; "
+        "smallcnn, 20 epochs of batch 64, LR 0.05 x0.1 at epochs 13, 17; seed 0; "
+        "5% of the labels flipped")
+    assert iaat_notebook.describe(config(method="at", eps_w=25.5 / 255)).startswith(
+        "PGD-AT at eps 25.5/255; PGD-10")

@@ -98,7 +98,23 @@ def test_suspicion_scores():
     flagged = np.array([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], bool)
     radius = np.array([0.1, 0.5, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0])
     s = iaat_radius.suspicion_scores(radius, flagged, top=0.2)  # the 2 smallest: images 0 and 2
-    assert s["precision"] == 0.5 and s["auroc"] == pytest.approx((8 + 5) / 16)
+    assert s["precision"] == 0.5 and s["auroc"] == pytest.approx((8 + 5) / 16) and s["tied"] == 1
+
+
+def test_suspicion_precision_takes_ties_in_random_order():
+    """Five images tied at the smallest score, one of them flagged (the lowest index): the top
+    2 hold 2 * 1/5 flagged images on average, whatever the order of the indices."""
+    flagged = np.array([1, 0, 0, 0, 0, 0, 0, 0, 0, 1], bool)
+    radius = np.array([0.1] * 5 + [0.2, 0.3, 0.4, 0.5, 0.6])
+    s = iaat_radius.suspicion_scores(radius, flagged, top=0.2)
+    assert s["precision"] == pytest.approx(1 / 5) and s["tied"] == 5
+    # one image strictly below the tie: it counts fully, one of the four tied ones comes with it
+    radius[9] = 0.05
+    s = iaat_radius.suspicion_scores(radius, flagged, top=0.2)
+    assert s["precision"] == pytest.approx((1 + 1 / 5) / 2) and s["tied"] == 5
+    # float rounding does not break a tie (radii reached by other orders of the same steps)
+    radius[1:5] += 1e-9
+    assert iaat_radius.suspicion_scores(radius, flagged, top=0.2)["tied"] == 5
 
 
 QUICK = ["--epochs", "2", "--warmup", "1", "--n-train", "200", "--eval-subset", "20",

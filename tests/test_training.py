@@ -11,6 +11,7 @@ import torch
 
 import iaat
 import iaat_notebook
+import iaat_run
 from conftest import ROOT, run_cli, tiny_cnn
 
 QUICK = ["--epochs", "3", "--warmup", "1", "--n-train", "192", "--eval-subset", "100",
@@ -216,3 +217,35 @@ def test_train_or_load_reads_a_finished_run_and_trains_an_unfinished_one(tmp_pat
     longer = iaat_notebook.train_or_load(iaat.make_config(
         "digits", epochs=2, n_train=64, eval_subset=20, eval_steps=2, out=str(tmp_path / "run")))
     assert longer["epochs"] == 2 and ckpt.stat().st_mtime_ns != stamp  # resumed to epoch 2
+
+
+
+def test_loss_history_is_the_run_trained_in_one_go_with_a_loss_per_epoch(tmp_path):
+    """iaat_notebook.loss_history trains epoch by epoch; the run ends bit for bit where one
+    uninterrupted run does (weights, BN statistics, eps memory and history), its record has the
+    final model's clean losses as its last row, and it is read back, not retrained."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    import iaat_eval
+    settings = dict(epochs=3, warmup=1, n_train=96, batch_size=32, eval_subset=10, eval_steps=2,
+                    label_noise=0.1)
+    by_epoch = iaat.make_config("digits", out=str(tmp_path / "by-epoch"), **settings)
+    history = iaat_notebook.loss_history(by_epoch)
+    in_one_go = iaat.make_config("digits", out=str(tmp_path / "in-one-go"), **settings)
+    iaat.train(in_one_go, log=lambda msg: None)
+    a, b = (iaat_run.read_checkpoint(tmp_path / name / "checkpoint.pt")
+            for name in ("by-epoch", "in-one-go"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    assert torch.equal(a["eps_memory"], b["eps_memory"])
+    assert np.array_equal(np.load(tmp_path / "by-epoch" / "eps_history.npy"),
+                          np.load(tmp_path / "in-one-go" / "eps_history.npy"))
+    assert history.shape == (3, 96) and not np.allclose(history[0], history[-1])
+    model, _, data, _ = iaat_eval.load_run(tmp_path / "by-epoch")
+    with torch.no_grad():  # against the labels trained on: 10% of them flipped
+        last = F.cross_entropy(model(iaat.to_float(data.train_x)), data.train_y, reduction="none")
+    np.testing.assert_allclose(history[-1], last.numpy(), rtol=1e-5)
+    stamp = (tmp_path / "by-epoch" / "checkpoint.pt").stat().st_mtime_ns
+    assert np.array_equal(iaat_notebook.loss_history(by_epoch), history)  # read back
+    assert (tmp_path / "by-epoch" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert iaat_notebook.loss_history(in_one_go) is None  # trained without the record
