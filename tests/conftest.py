@@ -33,6 +33,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # `python -m pytest` runs the quick tier: unit tests of every module, one short run of each entry
 # point and notebook 00 under nbval. `python -m pytest --full` (CI) adds every test marked `slow`
 # and the other notebooks, which tests/test_notebooks.py retrains at 1 thread under strict nbval.
+# Naming files or tests (`python -m pytest tests/test_distributed.py`) runs all of them.
 QUICK_NOTEBOOKS = {"00_algorithm_step_by_step.ipynb"}
 
 
@@ -49,8 +50,11 @@ def notebook_of(item):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Deselect what the tier leaves out. Notebooks outside QUICK_NOTEBOOKS never run in this
-    process: `test_notebooks_pass_strict_nbval_trained_at_one_thread` (slow) runs them all."""
+    """Deselect what the tier leaves out, when pytest collects its testpaths (no files or tests
+    named). Notebooks outside QUICK_NOTEBOOKS then never run in this process:
+    `test_notebooks_pass_strict_nbval_trained_at_one_thread` (slow) runs them all."""
+    if config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return
     full = config.getoption("--full")
     keep, drop = [], []
     for item in items:

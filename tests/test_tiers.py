@@ -65,3 +65,6 @@ def test_the_quick_tier_runs_each_entry_point_and_leaves_the_slow_tests_out():
     assert "tests/test_notebooks.py::test_notebooks_pass_strict_nbval_trained_at_one_thread" in slow
     assert all(i.startswith("tests/test_distributed.py") for i in full if "distributed" in i)
     assert files(full) - files(quick) == {"tests/test_distributed.py"}  # every other file has quick tests
+    # naming a file runs all of it, its slow tests too
+    named = collect("tests/test_distributed.py")
+    assert named and named == {i for i in full if i.startswith("tests/test_distributed.py")}
