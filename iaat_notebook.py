@@ -2,7 +2,7 @@
 command that trains a run on the command line (`command_line`) and its settings in words
 (`describe`), a finished run or a new one
 (`train_or_load`), a run trained one epoch at a time with its training images' clean loss after
-each (`loss_history`), and their findings checked or reported (`findings`).
+each (`loss_history`, `clean_losses`), and their findings checked or reported (`findings`).
 
     import iaat_notebook
     config = iaat_notebook.notebook_configs("digits", epochs=30)
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import iaat
+import iaat_eval
 from iaat import Config
 from iaat_run import IAATError, atomic_write, changed_setting, read_checkpoint
 
@@ -107,6 +108,13 @@ def train_or_load(cfg: Config, log: Optional[Callable[[str], None]] = None,
     return iaat.train(cfg, log or (lambda msg: None))
 
 
+def clean_losses(model, x_uint8: torch.Tensor, y: torch.Tensor, batch: int = 500) -> np.ndarray:
+    """The clean cross-entropy of `model` (eval mode) on each image, in batches: (N,)."""
+    with torch.no_grad():
+        return torch.cat([F.cross_entropy(model(iaat.to_float(xb)), yb, reduction="none")
+                          for xb, yb in zip(x_uint8.split(batch), y.split(batch))]).numpy()
+
+
 def loss_history(cfg: Config, train_missing: bool = True,
                  log: Optional[Callable[[str], None]] = None) -> Optional[np.ndarray]:
     """(epochs, training images): the clean cross-entropy of every training image, against the
@@ -116,7 +124,6 @@ def loss_history(cfg: Config, train_missing: bool = True,
     the command line trains. The record is kept beside it, as clean_loss_history.npy, and read
     back. None for a run trained without it (on the command line, say): the losses of its
     earlier models are gone."""
-    import iaat_eval  # the layer below: loading a run
     out = iaat.run_dir(cfg)
     path = out / "clean_loss_history.npy"
     rows = list(np.load(path)) if path.is_file() else []
@@ -124,16 +131,17 @@ def loss_history(cfg: Config, train_missing: bool = True,
         saved = read_checkpoint(out / "checkpoint.pt")
         if (saved["epoch"], saved["step"]) != (len(rows), 0):
             return None  # trained without the record, or further than it
+    if len(rows) == cfg.epochs:
+        return np.stack(rows)
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as f:  # np.save on a name would append ".npy" to it
             np.save(f, np.stack(rows))
+    data = None
     for epoch in range(len(rows) + 1, cfg.epochs + 1):
         train_or_load(dataclasses.replace(cfg, epochs=epoch), log, train_missing)
-        model, _, data, _ = iaat_eval.load_run(out, data_root=cfg.data_root)
-        with torch.no_grad():
-            rows.append(torch.cat([F.cross_entropy(model(iaat.to_float(x)), y, reduction="none")
-                                   for x, y in zip(data.train_x.split(500),
-                                                   data.train_y.split(500))]).numpy())
+        data = data or iaat.load_data(cfg, "cpu")  # the labels as trained on (--label-noise)
+        model = iaat_eval.load_model(out, "cpu", *iaat_eval.run_config(out))
+        rows.append(clean_losses(model, data.train_x, data.train_y))
         atomic_write(path, save)
     return np.stack(rows)

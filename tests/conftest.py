@@ -59,7 +59,7 @@ def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
         nb = notebook_of(item)
-        if nb is not None and nb not in QUICK_NOTEBOOKS or not full and item.get_closest_marker("slow"):
+        if (nb is not None and nb not in QUICK_NOTEBOOKS) or (not full and item.get_closest_marker("slow")):
             drop.append(item)
         else:
             keep.append(item)
