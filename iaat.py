@@ -501,14 +501,23 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps
         best_win, best_obj = best_win | win, torch.where(new, obj, best_obj)
     return best
 
+@contextmanager
+def cudnn_benchmark_off():
+    """Off in pgd_fooled, whose batch shrinks: cuDNN would time every new size (GPU: 8-25x)."""
+    was, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+@cudnn_benchmark_off()
 def pgd_fooled(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps, *, steps: int = 10,
                step_size=2 / 255, early_exit: bool = True,
                grad_fn: Optional[Callable] = None) -> torch.Tensor:
     """Does PGD at eps_i find an image of another class? (B,) bool, the test of Alg 2 l.4 and 6.
 
-    Fooled: some iterate x_0..x_k is misclassified, the paper's "PGD succeeded in finding an
-    image with a different class label". Its answer is then fixed, so with `early_exit` it
-    leaves the attack. Call it in eval mode, where early exit changes no decision."""
+    Fooled: some iterate x_0..x_k is misclassified (the paper's "PGD succeeded in finding an
+    image with a different class label"); with `early_exit` it then leaves the attack (eval mode)."""
     x, eps = x.detach(), per_sample(eps, x)
     step = step_per_sample(step_size, eps, x)
     fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)

@@ -121,3 +121,23 @@ def test_line_search_finds_the_largest_surviving_radius():
     want = torch.clamp((d / eta).floor() * eta, max=top)
     torch.testing.assert_close(eps, want, atol=1e-6, rtol=0)
     assert (eps == 0).any() and (eps == torch.tensor(top)).any() and ((eps > 0) & (eps < top)).any()
+
+
+def test_pgd_fooled_turns_cudnn_benchmark_off_and_restores_it():
+    """Its batch shrinks as samples fall: benchmark mode would time every new size again."""
+    seen = []
+    model = tiny_cnn()
+    forward = model.forward
+    model.forward = lambda x: (seen.append(torch.backends.cudnn.benchmark), forward(x))[1]
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
+    was = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        iaat.pgd_fooled(model, x, y, 0.3, steps=3)
+        assert seen and not any(seen)
+        assert torch.backends.cudnn.benchmark is True
+        with pytest.raises(ValueError):
+            iaat.pgd_fooled(model, x, y, torch.ones(3))  # a wrong shape: restored all the same
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = was
