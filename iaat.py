@@ -14,14 +14,14 @@ survives a larger attack and shrinks it where another class lies close by (paper
 Images live in [0,1] with normalisation inside the model, so every eps, gamma and step in
 the Python API is in pixel units; the CLI takes the paper's 0-255 units. Sections: config;
 data; models; THE CORE (PGD with a radius per sample and Alg 2, one block to copy); Alg 1's
-step; torchrun; checkpoints; the training loop; the end-of-training evaluation; the CLI.
+step (with TRADES and the weight average); torchrun; the training loop; the end-of-training
+evaluation; the CLI. Checkpoints and the run folder's files are iaat_run.py's.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
-import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -38,11 +38,10 @@ import torch.nn.functional as F
 from iaat_fp16 import fp16_input_grad
 from iaat_plot import plot_run
 from iaat_run import (TORCH_THREADS, CLIParser, Dist, IAATError, add_dataclass_flags, agreement,
-                      all_sum, any_process, atomic_write, changed_setting, claim_run_dir,
-                      config_dict, current_dist, dataclass_values, global_totals,
-                      local_rank_zero_first, pick_device, process_group, read_checkpoint,
-                      read_metrics, same_everywhere, set_threads, sigterm_flag, stopped,
-                      write_eps_history, write_json, write_metrics)
+                      all_sum, any_process, best_row, current_dist, dataclass_values, keep_best,
+                      local_rank_zero_first, open_folder, open_run, pick_device, process_group,
+                      reduce_and_check_totals, restore, save_checkpoint, set_threads,
+                      sigterm_flag, stopped, write_eps_history, write_json, write_metrics)
 
 PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
 
@@ -59,7 +58,8 @@ class Config:
     dataset: str = option("digits", "digits (embedded scikit-learn data, no download), cifar10 or cifar100")
     model: Optional[str] = option(None, "smallcnn, resnet18 (PreAct ResNet-18) or wrn32-10 "
                                         "(Madry's WideResNet: 5 blocks/stage, width 10)")
-    method: str = option("iaat", "iaat (paper Alg 1), at (Madry PGD-AT at the fixed radius eps_w) or clean")
+    method: str = option("iaat", "iaat (paper Alg 1), at (Madry PGD-AT at the fixed radius eps_w), "
+                                 "trades (TRADES at the fixed radius eps_w) or clean")
     # optimisation: paper Table 10 (CIFAR ResNet-18 column unless the preset says otherwise)
     epochs: int = option(200, "training epochs (Table 10: 200 ResNet-18, 110 WRN-32-10)")
     batch_size: int = option(128, "global batch size (Table 10: 128)")
@@ -92,6 +92,12 @@ class Config:
                                                      "the training attack's step)", "/255")
     attack_bn: str = option("train", "BatchNorm mode of the training attack: train (as PGD-AT and the "
                                      "official code) or eval; selection always runs in eval mode")
+    # beyond the paper: the TRADES loss (Zhang et al. 2019) and a moving average of the weights
+    loss: str = option("ce", "training loss of --method iaat: ce (Alg 1 l.11) or trades (TRADES "
+                             "at each image's own radius); --method trades implies trades")
+    trades_beta: float = option(6.0, "TRADES' beta: the weight of its KL term (TRADES, CIFAR: 6)")
+    ema: float = option(0.0, "keep an exponential moving average of the weights with this decay "
+                             "(e.g. 0.999; 0: none), warmed up as min(ema, (1+t)/(10+t)) at update t")
     # evaluation at the end of training (the full paper protocol is `iaat eval`)
     eps_test: float = option(8 / PIXEL, "test radius (paper Sec 4: 8)", "/255")
     eval_steps: int = option(20, "PGD steps of the final robust accuracy")
@@ -142,8 +148,12 @@ PRESETS = {
 }
 AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHOICES = {"dataset": ("digits", "cifar10", "cifar100"), "model": ("smallcnn", "resnet18", "wrn32-10"),
-           "method": ("iaat", "at", "clean"), "attack_bn": ("train", "eval"), "amp": tuple(AMP),
+           "method": ("iaat", "at", "trades", "clean"), "loss": ("ce", "trades"),
+           "attack_bn": ("train", "eval"), "amp": tuple(AMP),
            "channels_last": ("auto", "on", "off"), "device": ("auto", "cpu", "cuda")}
+
+def uses_trades(cfg: Config) -> bool:
+    return cfg.method == "trades" or cfg.loss == "trades"
 
 def make_config(dataset: str = "digits", model: Optional[str] = None, **overrides) -> Config:
     """Config for a dataset and model: dataclass defaults < paper preset < explicit overrides."""
@@ -160,7 +170,7 @@ def check_config(cfg: Config) -> Config:
     """`cfg`, if its settings can be right; else IAATError with a one-line reason."""
     for name, value in ((k, getattr(cfg, k)) for k in cfg.__dataclass_fields__):
         flag = "--" + name.replace("_", "-")
-        if name in ("method", "attack_bn", "amp", "channels_last") and value not in CHOICES[name]:
+        if name in ("method", "loss", "attack_bn", "amp", "channels_last") and value not in CHOICES[name]:
             raise IAATError(f"{flag} must be one of {', '.join(CHOICES[name])}, not {value!r}")
         if name in _NON_NEGATIVE and value is not None and not 0 <= value < math.inf:
             raise IAATError(f"{flag} must be a finite number >= 0, got "
@@ -175,13 +185,18 @@ def check_config(cfg: Config) -> Config:
             (min(cfg.warmup, cfg.save_every) < 0 or (cfg.n_train or 1) < 1,
              "--warmup, --save-every and --n-train must not be negative"),
             (not 0 <= cfg.label_noise < 1, f"--label-noise must be in [0, 1), got {cfg.label_noise}"),
-            (cfg.line_search and cfg.line_eta <= 0, "--line-eta must be > 0 with --line-search")):
+            (cfg.line_search and cfg.line_eta <= 0, "--line-eta must be > 0 with --line-search"),
+            (cfg.loss == "trades" and cfg.method != "iaat", "--loss trades is for --method iaat; "
+             "--method trades is TRADES at the fixed radius eps_w"),
+            (uses_trades(cfg) and cfg.amp == "fp16", "TRADES' KL attack has no fp16 loss scaling: "
+             "use --amp bf16 or none"),
+            (not 0 <= cfg.ema < 1, f"--ema must be in [0, 1), got {cfg.ema}")):
         if wrong:
             raise IAATError(message)
     return cfg
 
 _UNITS = {f.name for f in dataclasses.fields(Config) if f.metadata["unit"]}  # typed as x/255
-_NON_NEGATIVE = _UNITS | {"weight_decay", "momentum", "step_rel"}
+_NON_NEGATIVE = _UNITS | {"weight_decay", "momentum", "step_rel", "trades_beta"}
 _AT_LEAST = dict(dict.fromkeys(("batch_size", "attack_steps", "eval_steps", "eval_batch",
                                  "select_steps", "threads"), 1), epochs=0, eval_subset=0,
                  val_size=0)
@@ -570,6 +585,48 @@ def select_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_prev:
 
 # ------------------------------------- end of the core --------------------------------------
 
+# ============================================================================================
+# THE TRADES LOSS (Zhang et al. 2019; yaodongyu/TRADES, trades.py) with a radius per sample.
+# Copy from this banner to "end of the TRADES loss"; it needs only torch and F (see the core).
+# ============================================================================================
+
+def trades_kl(logits_adv: torch.Tensor, logits_clean: torch.Tensor) -> torch.Tensor:
+    """KL(p(x) || p(x')) summed over the batch, as trades.py's nn.KLDivLoss(size_average=False)."""
+    return F.kl_div(F.log_softmax(logits_adv.float(), 1), F.softmax(logits_clean.float(), 1),
+                    reduction="sum")
+
+def trades_attack(model: nn.Module, x: torch.Tensor, eps, *, steps: int = 10,
+                  step_size=2 / 255) -> torch.Tensor:
+    """TRADES' inner maximisation: PGD on trades_kl from x + 0.001 N(0, I), each x'_i in [0,1]
+    and within eps_i of x_i (eps, step_size: floats, (B,) tensors, or a rule of eps for the
+    step); eps_i = 0 returns x_i. Call it in eval mode, as trades.py does; the clean prediction
+    is computed once (trades.py recomputes it every step: the same in eval mode)."""
+    x = x.detach()
+    col = lambda v: torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(len(x)).view(
+        -1, *([1] * (x.dim() - 1)))
+    eps = col(eps)
+    step = col(step_size(eps.flatten()) if callable(step_size) else step_size)
+    lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+    with torch.no_grad():
+        logits_clean = model(x)
+    x_adv = torch.min(torch.max(x + 0.001 * torch.randn_like(x), lo), hi)
+    for _ in range(steps):
+        with torch.enable_grad():
+            x_adv.requires_grad_(True)
+            grad, = torch.autograd.grad(trades_kl(model(x_adv), logits_clean), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), lo), hi)
+    return x_adv
+
+def trades_loss(model: nn.Module, x, x_adv, y, beta: float = 6.0) -> tuple:
+    """TRADES' outer loss, in train mode: CE(f(x), y) + beta * KL(p(x) || p(x')) / B (the
+    `batchmean` reduction); the gradient flows through both predictions, as in trades.py.
+    Returns (loss, logits of x_adv)."""
+    logits, logits_adv = model(x), model(x_adv)
+    return (F.cross_entropy(logits.float(), y) + beta * trades_kl(logits_adv, logits) / len(x),
+            logits_adv)
+
+# ---------------------------------- end of the TRADES loss ----------------------------------
+
 # ===== Algorithm 1: one training step (and the PGD-AT and clean baselines) ==================
 
 Step = Union[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]  # a step per sample
@@ -626,7 +683,13 @@ def clean_correct(model, x, y) -> torch.Tensor:
 def training_inputs(model, x, y, eps: torch.Tensor, correct: torch.Tensor, cfg: Config):
     """Alg 1 l.8-11 as one batch: x_adv_i (PGD at eps_i, l.8) for S+, the clean x_i for S-.
     Attacking with eps_i = 0 for S- returns those x_i unchanged, so the mean cross-entropy of
-    this batch is exactly the loss of Alg 1 l.11."""
+    this batch is exactly the loss of Alg 1 l.11. With the TRADES loss, x_adv_i is TRADES' KL
+    attack at eps_i (eval mode, as trades.py): S- images get x'_i = x_i, no robust term."""
+    if uses_trades(cfg):
+        with model_mode(model, False):
+            kw = attack_settings(cfg)
+            return trades_attack(model, x, eps * correct, steps=kw["steps"],
+                                 step_size=kw["step_size"])
     with model_mode(model, cfg.attack_bn == "train"):
         return pgd_attack(model, x, y, eps * correct, **attack_settings(cfg))
 
@@ -644,23 +707,27 @@ class TrainState:
     visits: torch.Tensor  # how many times Alg 2 updated each image
     epoch: int = 0        # epochs done
     step: int = 0         # steps done in the current epoch
+    ema: Optional[torch.optim.swa_utils.AveragedModel] = None  # --ema: the weight average
 
 def train_step(s: TrainState, x, y, idx, cfg: Config) -> dict:
-    """One SGD step of IAAT (Alg 1), PGD-AT (everyone in S+ at eps_w) or clean training at
-    epoch s.epoch, all under --amp's autocast; returns the step's sums as tensors."""
+    """One SGD step of IAAT (Alg 1), PGD-AT or TRADES (everyone in S+ at eps_w) or clean
+    training at epoch s.epoch, all under --amp's autocast, then the weight average's update
+    (--ema); returns the step's sums as tensors."""
     with autocast(cfg, x.device):
         correct = (clean_correct(s.compiled, x, y) if cfg.method == "iaat"
                    else torch.ones_like(y, dtype=torch.bool))
-        if cfg.method == "clean":
-            eps, x_in = torch.zeros_like(s.mem[idx]), x
-        else:
-            eps = (choose_epsilon(s.compiled, x, y, idx, s.mem, s.epoch, cfg)
-                   if cfg.method == "iaat" else torch.full_like(s.mem[idx], cfg.eps_w))
-            x_in = training_inputs(s.compiled, x, y, eps, correct, cfg)
+        eps = (choose_epsilon(s.compiled, x, y, idx, s.mem, s.epoch, cfg) if cfg.method == "iaat"
+               else torch.full_like(s.mem[idx], 0.0 if cfg.method == "clean" else cfg.eps_w))
+        x_in = x if cfg.method == "clean" else training_inputs(s.compiled, x, y, eps, correct, cfg)
         s.compiled.train()
-        logits = s.ddp(x_in)
-        loss = F.cross_entropy(logits.float(), y)
+        if uses_trades(cfg):
+            loss, logits = trades_loss(s.ddp, x, x_in, y, cfg.trades_beta)
+        else:
+            logits = s.ddp(x_in)
+            loss = F.cross_entropy(logits.float(), y)
     optimizer_step(s.opt, loss, s.scaler)
+    if s.ema is not None:
+        s.ema.update_parameters(s.model)
     with torch.no_grad():
         stats = {"loss": loss.detach() * len(y), "train_acc": (logits.argmax(1) == y).sum(),
                  "eps": eps.sum(), "n": torch.tensor(len(y), device=y.device)}
@@ -677,6 +744,16 @@ def optimizer_step(opt, loss: torch.Tensor, scaler: torch.amp.GradScaler) -> Non
 def autocast(cfg: Config, device: torch.device):
     """torch.autocast in --amp's dtype (disabled for none). The attacks inside run in it too."""
     return torch.autocast(device.type, dtype=AMP[cfg.amp], enabled=AMP[cfg.amp] is not None)
+
+def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """torch's AveragedModel of the weights and BatchNorm statistics: the update after t
+    earlier ones moves the average by 1 - d towards the model, d = min(decay, (1+t)/(10+t))
+    (the usual warm-up: an early average does not hold on to the random initial weights)."""
+    def update(avg: list, new: list, t: torch.Tensor) -> None:  # lists of one dtype
+        d = min(decay, (1 + int(t)) / (10 + int(t)))
+        for a, b in zip(avg, new):
+            a.lerp_(b, 1 - d) if a.is_floating_point() else a.copy_(b)  # ints: BN's count
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 def uses_channels_last(cfg: Config, device: torch.device) -> bool:
     return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda"
@@ -704,7 +781,8 @@ def make_state(model: nn.Module, cfg: Config, n: int, opt=None, sched=None) -> T
     return TrainState(model, compiled, ddp, opt, sched,
                       torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
                       torch.full((n,), eps_init, device=device),
-                      torch.zeros(n, dtype=torch.int32, device=device))
+                      torch.zeros(n, dtype=torch.int32, device=device),
+                      ema=weight_average(model, cfg.ema) if cfg.ema else None)
 
 # ===== torchrun: shards of each global batch, one consistent eps memory ====================
 
@@ -731,77 +809,12 @@ def sync_memory(mem: torch.Tensor, visits: torch.Tensor, idx: torch.Tensor, widt
         mem[idx] = vals[ids >= 0]
     visits.index_add_(0, idx, torch.ones_like(idx, dtype=visits.dtype))
 
-def sync_buffers(model: nn.Module) -> None:
-    """Give every process rank 0's buffers (BatchNorm statistics): each process updated them
-    on its own shard, and the evaluated and saved model must be one model."""
-    for b in model.buffers() if current_dist().world > 1 else ():
+def sync_buffers(*models: Optional[nn.Module]) -> None:
+    """Give every process rank 0's buffers (BatchNorm statistics, also the weight average's):
+    each process updated them on its own shard; the evaluated and saved model must be one."""
+    for b in (b for m in models if m is not None for b in m.buffers()) \
+            if current_dist().world > 1 else ():
         torch.distributed.broadcast(b, 0)
-
-# ===== Checkpoints and resume: weights_only loading, one folder per run ======================
-
-OUTPUTS = ("checkpoint.pt", "best.pt", "metrics.jsonl", "eps_history.npy", "summary.json",
-           "config.json")
-
-def save_checkpoint(path: Path, cfg: Config, s: TrainState, totals: dict,
-                    gen: Optional[torch.Generator] = None) -> None:
-    """All a resume needs: the state, the epoch's running totals, the number of processes,
-    and the RNGs (CPU, this process's GPU, and mid-epoch the data generator `gen`)."""
-    device = s.mem.device
-    rng = {"torch": torch.get_rng_state(), "data": gen.get_state() if gen is not None else None,
-           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    ckpt = {"format": 1, "config": config_dict(cfg), "device": device.type,
-            "processes": current_dist().world, "epoch": s.epoch, "step": s.step,
-            "totals": {k: float(v) for k, v in totals.items()}, "model": s.model.state_dict(),
-            "optimizer": s.opt.state_dict(), "scheduler": s.sched.state_dict(),
-            "scaler": s.scaler.state_dict(), "eps_memory": s.mem.cpu(),
-            "eps_visits": s.visits.cpu(), "rng": {k: v for k, v in rng.items() if v is not None}}
-    atomic_write(path, lambda p: torch.save(ckpt, p))
-
-def open_run(out: Path, cfg: Config) -> Optional[dict]:
-    """The run folder's checkpoint, checked against `cfg`, or None for a fresh run; IAATError
-    on a corrupt or mismatched file, or on a fresh run into another run's outputs."""
-    path = out / "checkpoint.pt"
-    found = [name for name in OUTPUTS if (out / name).exists()]
-    if not path.exists() and found:  # say, after its checkpoint was moved away
-        raise IAATError(f"{out} holds {found[0]} but no checkpoint; move the whole folder away "
-                        "or choose another --out")
-    if not path.exists():
-        return None
-    try:
-        ckpt = read_checkpoint(path)
-    except IAATError as err:
-        raise IAATError(f"{err}; move the run folder away to start afresh") from None
-    k = changed_setting(cfg, ckpt["config"])
-    if k is not None:
-        raise IAATError(f"checkpoint {path} was written with {k}={ckpt['config'].get(k)!r}, this "
-                        f"run has {k}={config_dict(cfg)[k]!r}; rerun with the same settings or "
-                        "choose another --out")
-    return ckpt
-
-def restore(ckpt: dict, path: Path, s: TrainState, data_state: bool = True) -> dict:
-    """Load a checked checkpoint into the state; returns the epoch's running totals.
-    `data_state`: a mid-epoch checkpoint must hold the data generator's state."""
-    try:
-        s.model.load_state_dict(ckpt["model"])
-        s.opt.load_state_dict(ckpt["optimizer"])
-        s.sched.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            s.scaler.load_state_dict(ckpt["scaler"])
-        if ckpt["eps_memory"].shape != s.mem.shape:
-            raise ValueError(f"eps memory of {len(ckpt['eps_memory'])} samples, data has "
-                             f"{len(s.mem)}")
-        if ckpt["step"] and data_state and "data" not in ckpt["rng"]:
-            raise KeyError("the mid-epoch data generator state is missing")
-        s.mem.copy_(ckpt["eps_memory"])
-        s.visits.copy_(ckpt["eps_visits"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], s.mem.device)
-    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise IAATError(f"checkpoint {path} does not match this run: "
-                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-    s.epoch, s.step = ckpt["epoch"], ckpt["step"]
-    return ckpt["totals"]
 
 # ===== The training loop: Alg 1 over epochs, with checkpoints, resume and SIGTERM ===========
 
@@ -921,9 +934,9 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
             if not lr_per_step:
                 s.sched.step()
             s.epoch, s.step = s.epoch + 1, 0
-            sync_buffers(s.model)
+            sync_buffers(s.model, s.ema)
             if cfg.method != "iaat":  # the radius each image was trained at, for the history
-                s.mem.fill_(cfg.eps_w if cfg.method == "at" else 0.0)
+                s.mem.fill_(0.0 if cfg.method == "clean" else cfg.eps_w)
             rows.append(epoch_row(s, totals, time.time() - t0, epoch_eval))  # check
             totals = {}
             log(format_row(rows[-1], cfg))                                  # log
@@ -942,47 +955,6 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
 def rank_seed(seed: int, rank: int) -> int:  # primes: no two ranks, epochs or steps share a seed
     """The seed of rank > 0's augmentation; its attack starts add the (re)start's epoch and step."""
     return seed + 7919 * rank
-
-def open_folder(cfg: Config, s: TrainState, out: Path, log, history_dtype) -> tuple:
-    """Before the first step: every process agrees where it resumes; then rank 0 claims the
-    folder (a lock) and keeps the best checkpoint right. Returns the metrics rows, eps history
-    and the lock."""
-    d, fresh = current_dist(), (s.epoch, s.step) == (0, 0)
-    history = np.zeros((0, len(s.mem)), history_dtype)
-    if not fresh:
-        if d.main and (out / "eps_history.npy").exists():
-            history = np.load(out / "eps_history.npy")[:s.epoch]
-        log(f"resuming {out} at epoch {s.epoch} step {s.step}")
-    same_everywhere((s.epoch, s.step), "the epoch and step to resume at")
-    lock = claim_run_dir(out, s.mem.device)
-    if fresh and d.main:
-        write_json(out / "config.json", config_dict(cfg))
-    rows = read_metrics(out / "metrics.jsonl", s.epoch)
-    if d.main and s.step == 0:  # at an epoch's end, a kill may have come before best.pt
-        keep_best(out, rows)
-    return rows, history, lock
-
-def best_row(rows: list) -> dict:
-    """--val-size: the metrics row of the first epoch with the best held-out PGD accuracy."""
-    return max(rows, key=lambda r: r["val_pgd"]) if rows and "val_pgd" in rows[0] else {}
-
-def keep_best(out: Path, rows: list) -> None:
-    """best.pt := checkpoint.pt if it holds the epoch of the last row and that epoch is the
-    best; run after checkpoint.pt is written, and again on resuming from it."""
-    if rows and best_row(rows) is rows[-1]:
-        atomic_write(out / "best.pt", lambda p: shutil.copyfile(out / "checkpoint.pt", p))
-
-def reduce_and_check_totals(sums: dict, s: TrainState, ckpt_path: Path) -> dict:
-    """The epoch's sums, all-reduced over the processes; IAATError before a non-finite loss or weight reaches
-    a checkpoint (the last good one stays)."""
-    totals = global_totals(sums)
-    if not (math.isfinite(totals["loss"]) and all(bool(torch.isfinite(p).all())
-                                                  for p in s.model.parameters())):
-        kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else \
-            "no checkpoint was written"
-        raise IAATError(f"training loss became non-finite in epoch {s.epoch + 1} (by step "
-                        f"{s.step}); {kept}; try a lower --lr")
-    return totals
 
 def epoch_row(s: TrainState, sums: dict, seconds: float, epoch_eval=None) -> dict:
     """The metrics of the epoch just done: its sums as means, then `epoch_eval()`."""
@@ -1032,8 +1004,10 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, log) -
     """Natural and PGD-20 accuracy on the whole test set at eps_test, summary.json and a line;
     checks that every process ended with the same eps memory and model, and that every image
     was selected once per epoch after warmup."""
-    acc = evaluate(s.model, data.test_x, data.test_y, eps=cfg.eps_test, steps=cfg.eval_steps,
-                   step_size=cfg.eval_step_size, batch_size=cfg.eval_batch, distributed=True)
+    kw = dict(eps=cfg.eps_test, steps=cfg.eval_steps, step_size=cfg.eval_step_size,
+              batch_size=cfg.eval_batch, distributed=True)
+    acc = evaluate(s.model, data.test_x, data.test_y, **kw)
+    ema = evaluate(s.ema.module, data.test_x, data.test_y, **kw) if s.ema is not None else {}
     mems, models = state_hashes(s)
     best = best_row(rows)
     expected = max(0, rows[-1]["epoch"] - cfg.warmup) if cfg.method == "iaat" and rows else 0
@@ -1042,7 +1016,7 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, log) -
                         f"(updates per image {int(s.visits.min())}-{int(s.visits.max())}, "
                         f"expected {expected})")
     summary = {"run": str(out), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
-               "seed": cfg.seed, "epochs": cfg.epochs, "natural_acc": acc["clean"],
+               "loss": "trades" if uses_trades(cfg) else "ce", "ema": cfg.ema, "seed": cfg.seed, "epochs": cfg.epochs, "natural_acc": acc["clean"],
                "pgd_acc": acc["robust"], "pgd": f"PGD-{cfg.eval_steps}",
                "eps_test_255": cfg.eps_test * PIXEL,
                "eps_mean_255": float(s.mem.double().mean() * PIXEL) if rows else None,
@@ -1050,12 +1024,14 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, log) -
                "processes": current_dist().world, "threads": cfg.threads,
                "eps_memory_sha1_per_process": mems, "model_sha1_per_process": models,
                "train_seconds": round(sum(r["seconds"] for r in rows), 1),
-               "best_epoch": best.get("epoch"), "best_val_pgd": best.get("val_pgd")}
+               "best_epoch": best.get("epoch"), "best_val_pgd": best.get("val_pgd"),
+               **({"ema_natural_acc": ema["clean"], "ema_pgd_acc": ema["robust"]} if ema else {})}
     if current_dist().main:
         write_json(out / "summary.json", summary)
+    ema_text = f" | EMA natural {ema['clean']:.4f} PGD {ema['robust']:.4f}" if ema else ""
     log(f"final {cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}: natural "
         f"{acc['clean']:.4f} | PGD-{cfg.eval_steps} at {cfg.eps_test * PIXEL:g}/255 "
-        f"{acc['robust']:.4f} | mean eps {summary['eps_mean_255'] or 0:.1f}/255 | "
+        f"{acc['robust']:.4f}{ema_text} | mean eps {summary['eps_mean_255'] or 0:.1f}/255 | "
         f"{summary['train_seconds']:.0f}s training | {out}")
     return summary
 

@@ -33,10 +33,10 @@ from typing import Optional
 
 import torch
 
-from iaat import PIXEL, PreActBlock, PreActNet, PreActResNet18, SmallCNN, WideResNet, best_row
+from iaat import PIXEL, PreActBlock, PreActNet, PreActResNet18, SmallCNN, WideResNet
 from iaat_eval import CHECKPOINTS, DATASET_SHAPES, load_model, run_config
 from iaat_report import ARCHITECTURE_NAMES, model_info
-from iaat_run import CLIParser, IAATError, atomic_write, config_dict, read_metrics, write_json
+from iaat_run import CLIParser, IAATError, atomic_write, best_row, config_dict, read_metrics
 
 # iaat's networks that a RobustBench architecture class fits, on CIFAR's 3x32x32 images: the
 # class and its arguments, and where iaat's keys go. Block i of iaat's PreActNet.layers is

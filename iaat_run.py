@@ -3,7 +3,7 @@
 - torchrun's process group: join it, leave it together, this process's rank, collectives;
 - the run folder's files: writes that survive a kill at any moment, the lock that keeps two
   trainings out of one folder, the metrics and eps-history files, checkpoints read back
-  (weights_only) and checked;
+  (weights_only) and checked, what a resume needs saved and restored, the best checkpoint;
 - the SIGTERM flag the training loop polls, and the exit after it;
 - how many CPU threads torch uses (the cores idle at the start).
 """
@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -323,6 +325,126 @@ def read_checkpoint(path: Path) -> dict:
         raise IAATError(f"checkpoint {path} is not a complete iaat checkpoint (missing "
                         f"{', '.join(bad) or 'format 1'})")
     return ckpt
+
+
+# ===== Checkpoints: all a resume needs, written, read back and restored ====================
+
+OUTPUTS = ("checkpoint.pt", "best.pt", "metrics.jsonl", "eps_history.npy", "summary.json",
+           "config.json")
+
+
+def save_checkpoint(path: Path, cfg, s, totals: dict,
+                    gen: Optional[torch.Generator] = None) -> None:
+    """All a resume needs: the state, the epoch's running totals, the number of processes,
+    and the RNGs (CPU, this process's GPU, and mid-epoch the data generator `gen`)."""
+    device = s.mem.device
+    rng = {"torch": torch.get_rng_state(), "data": gen.get_state() if gen is not None else None,
+           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    ckpt = {"format": 1, "config": config_dict(cfg), "device": device.type,
+            "processes": current_dist().world, "epoch": s.epoch, "step": s.step,
+            "totals": {k: float(v) for k, v in totals.items()}, "model": s.model.state_dict(),
+            "optimizer": s.opt.state_dict(), "scheduler": s.sched.state_dict(),
+            "scaler": s.scaler.state_dict(), "eps_memory": s.mem.cpu(),
+            "eps_visits": s.visits.cpu(), "rng": {k: v for k, v in rng.items() if v is not None}}
+    if s.ema is not None:  # --ema: the averaged weights, and how many updates they hold
+        ckpt.update(ema=s.ema.module.state_dict(), ema_updates=int(s.ema.n_averaged))
+    atomic_write(path, lambda p: torch.save(ckpt, p))
+
+
+def open_run(out: Path, cfg) -> Optional[dict]:
+    """The run folder's checkpoint, checked against `cfg`, or None for a fresh run; IAATError
+    on a corrupt or mismatched file, or on a fresh run into another run's outputs."""
+    path = out / "checkpoint.pt"
+    found = [name for name in OUTPUTS if (out / name).exists()]
+    if not path.exists() and found:  # say, after its checkpoint was moved away
+        raise IAATError(f"{out} holds {found[0]} but no checkpoint; move the whole folder away "
+                        "or choose another --out")
+    if not path.exists():
+        return None
+    try:
+        ckpt = read_checkpoint(path)
+    except IAATError as err:
+        raise IAATError(f"{err}; move the run folder away to start afresh") from None
+    k = changed_setting(cfg, ckpt["config"])
+    if k is not None:
+        raise IAATError(f"checkpoint {path} was written with {k}={ckpt['config'].get(k)!r}, this "
+                        f"run has {k}={config_dict(cfg)[k]!r}; rerun with the same settings or "
+                        "choose another --out")
+    return ckpt
+
+
+def restore(ckpt: dict, path: Path, s, data_state: bool = True) -> dict:
+    """Load a checked checkpoint into the state; returns the epoch's running totals.
+    `data_state`: a mid-epoch checkpoint must hold the data generator's state."""
+    try:
+        s.model.load_state_dict(ckpt["model"])
+        s.opt.load_state_dict(ckpt["optimizer"])
+        s.sched.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            s.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["eps_memory"].shape != s.mem.shape:
+            raise ValueError(f"eps memory of {len(ckpt['eps_memory'])} samples, data has "
+                             f"{len(s.mem)}")
+        if ckpt["step"] and data_state and "data" not in ckpt["rng"]:
+            raise KeyError("the mid-epoch data generator state is missing")
+        if s.ema is not None:
+            s.ema.module.load_state_dict(ckpt["ema"])
+            s.ema.n_averaged.fill_(ckpt["ema_updates"])
+        s.mem.copy_(ckpt["eps_memory"])
+        s.visits.copy_(ckpt["eps_visits"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], s.mem.device)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise IAATError(f"checkpoint {path} does not match this run: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    s.epoch, s.step = ckpt["epoch"], ckpt["step"]
+    return ckpt["totals"]
+
+
+def open_folder(cfg, s, out: Path, log, history_dtype) -> tuple:
+    """Before the first step: every process agrees where it resumes; then rank 0 claims the
+    folder (a lock) and keeps the best checkpoint right. Returns the metrics rows, eps history
+    and the lock."""
+    d, fresh = current_dist(), (s.epoch, s.step) == (0, 0)
+    history = np.zeros((0, len(s.mem)), history_dtype)
+    if not fresh:
+        if d.main and (out / "eps_history.npy").exists():
+            history = np.load(out / "eps_history.npy")[:s.epoch]
+        log(f"resuming {out} at epoch {s.epoch} step {s.step}")
+    same_everywhere((s.epoch, s.step), "the epoch and step to resume at")
+    lock = claim_run_dir(out, s.mem.device)
+    if fresh and d.main:
+        write_json(out / "config.json", config_dict(cfg))
+    rows = read_metrics(out / "metrics.jsonl", s.epoch)
+    if d.main and s.step == 0:  # at an epoch's end, a kill may have come before best.pt
+        keep_best(out, rows)
+    return rows, history, lock
+
+
+def best_row(rows: list) -> dict:
+    """--val-size: the metrics row of the first epoch with the best held-out PGD accuracy."""
+    return max(rows, key=lambda r: r["val_pgd"]) if rows and "val_pgd" in rows[0] else {}
+
+
+def keep_best(out: Path, rows: list) -> None:
+    """best.pt := checkpoint.pt if it holds the epoch of the last row and that epoch is the
+    best; run after checkpoint.pt is written, and again on resuming from it."""
+    if rows and best_row(rows) is rows[-1]:
+        atomic_write(out / "best.pt", lambda p: shutil.copyfile(out / "checkpoint.pt", p))
+
+
+def reduce_and_check_totals(sums: dict, s, ckpt_path: Path) -> dict:
+    """The epoch's sums, all-reduced over the processes; IAATError before a non-finite loss or weight reaches
+    a checkpoint (the last good one stays)."""
+    totals = global_totals(sums)
+    if not (math.isfinite(totals["loss"]) and all(bool(torch.isfinite(p).all())
+                                                  for p in s.model.parameters())):
+        kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else \
+            "no checkpoint was written"
+        raise IAATError(f"training loss became non-finite in epoch {s.epoch + 1} (by step "
+                        f"{s.step}); {kept}; try a lower --lr")
+    return totals
 
 
 # ===== SIGTERM ===============================================================================

@@ -215,7 +215,7 @@ def train(c: ImageNetConfig, log=print) -> Path:
     if c.sync_bn and d.world > 1 and device.type != "cuda":
         raise IAATError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU")
     out = run_folder(c)
-    ckpt = iaat.open_run(out, c)
+    ckpt = iaat_run.open_run(out, c)
     saved = ckpt and ckpt.get("processes", ckpt["totals"].get("processes"))  # or kept in totals
     if ckpt is not None and saved != d.world:  # the global batch sets the LR and the shards
         raise IAATError(f"checkpoint {out / 'checkpoint.pt'} was written by {saved} processes, "
@@ -234,7 +234,7 @@ def train(c: ImageNetConfig, log=print) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(c, steps_per_epoch, d.world))
     s = iaat.make_state(model, c, n, opt, sched)
     # the sampler's order is fixed by (seed, epoch): no data generator state to restore
-    totals = iaat.restore(ckpt, out / "checkpoint.pt", s, data_state=False) if ckpt else {}
+    totals = iaat_run.restore(ckpt, out / "checkpoint.pt", s, data_state=False) if ckpt else {}
     sampler = EpochSampler(data, d, c.seed, c.batch_size)
     images = loader(data, sampler, c, device, drop_last=True)
     layout = torch.channels_last if iaat.uses_channels_last(c, device) else torch.contiguous_format
