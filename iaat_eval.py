@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from iaat import (PIXEL, Config, Step, ball, build_model, clean_correct, input_grad, load_data,
                   model_mode, per_sample, pgd_attack, pgd_fooled, step_per_sample, to_float,
-                  uniform_start)
+                  uniform_start, uses_trades)
 from iaat_autoattack import (AUTOATTACK_BATCH, AUTOATTACK_PARTS, AUTOATTACK_STAGES,
                              autoattack_correct)
 from iaat_report import (eval_table, flag_notes, model_info, pgd_name, plot_sweeps, sanity_flags,
@@ -269,6 +269,7 @@ DATASET_SHAPES = {"digits": (1, 10), "cifar10": (3, 10), "cifar100": (3, 100)}
 
 
 CHECKPOINTS = {"last": "checkpoint.pt", "best": "best.pt"}  # best: iaat.py --val-size
+WEIGHTS = ("raw", "ema")  # ema: the weight average of a run trained with --ema
 
 
 def run_config(run: Path, checkpoint: str = "last") -> tuple[Config, dict]:
@@ -294,14 +295,20 @@ def run_config(run: Path, checkpoint: str = "last") -> tuple[Config, dict]:
         raise IAATError(f"checkpoint {path} holds an incomplete config: {err}") from None
 
 
-def load_model(run: Path, device, cfg: Config, ckpt: dict) -> nn.Module:
-    """The run's trained model, in eval mode; its normalisation comes from the checkpoint."""
+def load_model(run: Path, device, cfg: Config, ckpt: dict, weights: str = "raw") -> nn.Module:
+    """The run's trained model, in eval mode; its normalisation comes from the checkpoint.
+    `weights`: raw (the trained weights) or ema (the average a run trained with --ema kept)."""
     if cfg.dataset not in DATASET_SHAPES:
         raise IAATError(f"{run}: unknown dataset {cfg.dataset!r} in the checkpoint")
+    if weights not in WEIGHTS:
+        raise IAATError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+    if weights == "ema" and "ema" not in ckpt:
+        raise IAATError(f"{run} kept no weight average: train with --ema DECAY, or evaluate "
+                        "--weights raw")
     channels, classes = DATASET_SHAPES[cfg.dataset]
     model = build_model(cfg.model, classes, (0.0,) * channels, (1.0,) * channels)
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model" if weights == "raw" else "ema"])
     except RuntimeError as err:
         raise IAATError(f"the checkpoint in {run} does not fit model {cfg.model}: "
                         f"{str(err).splitlines()[0]}") from None
@@ -309,13 +316,15 @@ def load_model(run: Path, device, cfg: Config, ckpt: dict) -> nn.Module:
 
 
 def load_run(run, device="cpu", data_root: Optional[str] = None,
-             checkpoint: str = "last") -> tuple:
+             checkpoint: str = "last", weights: str = "raw") -> tuple:
     """(model in eval mode, Config, Data, checkpoint epoch) of a run folder, in one call; CIFAR
-    is read from `data_root` (default: where the run read it); `checkpoint`: last or best."""
+    is read from `data_root` (default: where the run read it); `checkpoint`: last or best;
+    `weights`: raw or ema (the weight average of --ema)."""
     run, device = Path(run), torch.device(device)
     cfg, ckpt = run_config(run, checkpoint)
     data_cfg = dataclasses.replace(cfg, data_root=data_root) if data_root else cfg
-    return load_model(run, device, cfg, ckpt), cfg, load_data(data_cfg, device), ckpt["epoch"]
+    return (load_model(run, device, cfg, ckpt, weights), cfg, load_data(data_cfg, device),
+            ckpt["epoch"])
 
 
 def test_subset(n: int, n_examples: Optional[int], seed: int, device) -> torch.Tensor:
@@ -503,25 +512,30 @@ def eval_settings(dataset: str, *, preset: Optional[str] = None, parts=None, eps
 
 
 def evaluate_run(run, *, surrogate=None, corruptions=None, name: Optional[str] = None,
-                 checkpoint: str = "last", device: str = "auto", data_root: Optional[str] = None,
-                 download: Optional[bool] = None, **settings) -> dict:
+                 checkpoint: str = "last", weights: Optional[str] = None, device: str = "auto",
+                 data_root: Optional[str] = None, download: Optional[bool] = None,
+                 **settings) -> dict:
     """The evaluation of a run folder, as `iaat eval RUN`: load its last checkpoint (or with
-    checkpoint="best", --val-size's best on the held-out images), run every part
+    checkpoint="best", --val-size's best on the held-out images), its `weights` (raw, or ema:
+    the weight average of --ema; default ema where the run kept one), run every part
     (eval_settings: parts, eps, step_size, whitebox, transfer, eps_sweep, sweep_attack,
     steps_sweep, targeted, n_examples, seed, batch_size, autoattack_batch_size, preset; radii
     in [0,1]), print the table and write <run>/<name>.json (default name: eval, or eval_best;
-    rewritten after every part, with "complete": false until the end), .md, the sweep plots
+    rewritten after every part, with "complete": false until the end; _ema added for the
+    weight average), .md, the sweep plots
     and, with the autoattack part, RobustBench's <name>_model_info.json. Returns the results."""
     run = Path(run)
     surrogate = Path(surrogate) if surrogate is not None else None
     corruptions = Path(corruptions) if corruptions is not None else None
     cfg, ckpt = run_config(run, checkpoint)
-    name = name or ("eval" if checkpoint == "last" else "eval_best")
+    weights = weights or ("ema" if "ema" in ckpt else "raw")
+    name = name or ("eval" if checkpoint == "last" else "eval_best") + \
+        ("_ema" if weights == "ema" else "")
     ev = eval_settings(cfg.dataset, surrogate=surrogate, corruptions=corruptions, **settings)
     if surrogate is not None and surrogate.resolve() == run.resolve():
         raise IAATError("--surrogate must be another run (an independently trained copy)")
     device = pick_device(device)
-    model = load_model(run, device, cfg, ckpt)
+    model = load_model(run, device, cfg, ckpt, weights)
     surrogate_model = None
     if "transfer" in ev["parts"]:
         scfg, sckpt = run_config(surrogate)
@@ -545,10 +559,13 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: Optional[str] =
         print(f"iaat eval: note: {run} has not finished training: a later epoch may still "
               "replace its best.pt", file=sys.stderr)
     which = "" if checkpoint == "last" else f" (best: epoch {ckpt['epoch']})"
-    head = {"label": f"{cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}{which}",
+    loss = "trades" if uses_trades(cfg) else "ce"
+    tags = ("-trades" if cfg.method == "iaat" and loss == "trades" else "") + \
+        (" (weight average)" if weights == "ema" else "")
+    head = {"label": f"{cfg.dataset} {cfg.model} {cfg.method}{tags} seed {cfg.seed}{which}",
             "run": str(run), "checkpoint": checkpoint, "checkpoint_epoch": ckpt["epoch"],
-            "epochs": cfg.epochs,
-            "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method, "seed": cfg.seed,
+            "epochs": cfg.epochs, "dataset": cfg.dataset, "model": cfg.model,
+            "method": cfg.method, "loss": loss, "weights": weights, "seed": cfg.seed,
             "eps_255": ev["eps"] * PIXEL, "step_size_255": ev["step_size"] * PIXEL,
             "targeted": ev["targeted"], "n_examples": len(idx), "eval_seed": ev["seed"],
             "surrogate": str(surrogate) if surrogate_model is not None else None,
@@ -562,7 +579,8 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: Optional[str] =
                                                                       "complete": False}))
     res = {**head, **res, "complete": True}
     text = (f"Evaluation of {run} ({checkpoint} checkpoint, epoch {ckpt['epoch']} of "
-            f"{cfg.epochs}) at eps {ev['eps'] * PIXEL:g}/255, step "
+            f"{cfg.epochs}{', weight average' if weights == 'ema' else ''}) at eps "
+            f"{ev['eps'] * PIXEL:g}/255, step "
             f"{ev['step_size'] * PIXEL:g}/255, {len(idx)} test images, seed {ev['seed']}"
             f"{', random-targeted white-box PGD' if target is not None else ''} (accuracy, %):\n\n"
             + eval_table([res]) + "\n\n" + "\n\n".join(filter(None, (
@@ -658,8 +676,11 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=tuple(CHECKPOINTS), default="last",
                    help="last (the paper's protocol) or best: the epoch with the best PGD accuracy "
                         "on the held-out images of a run trained with --val-size")
+    p.add_argument("--weights", choices=WEIGHTS, help="raw: the trained weights; ema: the "
+                   "weight average of a run trained with --ema (default: ema where the run kept "
+                   "one, else raw)")
     p.add_argument("--name", help="stem of the output files (default: eval, eval_best for "
-                   "--checkpoint best)")
+                   "--checkpoint best; then _ema for the weight average)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores idle at the start)")
     p.add_argument("--data-root", help="where CIFAR is read from (default: the run's)")

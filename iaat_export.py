@@ -3,6 +3,7 @@ result in RobustBench's model_info format (docs/robustbench.md).
 
     iaat export runs/cifar10-resnet18-iaat-seed0 exports/iaat-resnet18   # or: python iaat.py export
     iaat export RUN OUT --checkpoint best      # a --val-size run's best epoch
+    iaat export RUN OUT --weights ema          # the weight average of a run trained with --ema
 
 OUT receives, all or nothing:
 - model.pt: {"state_dict": ..., "iaat": the record below}. The keys are those of RobustBench's
@@ -34,7 +35,7 @@ from typing import Optional
 import torch
 
 from iaat import PIXEL, PreActBlock, PreActNet, PreActResNet18, SmallCNN, WideResNet
-from iaat_eval import CHECKPOINTS, DATASET_SHAPES, load_model, run_config
+from iaat_eval import CHECKPOINTS, DATASET_SHAPES, WEIGHTS, load_model, run_config
 from iaat_report import ARCHITECTURE_NAMES, model_info
 from iaat_run import CLIParser, IAATError, atomic_write, best_row, config_dict, read_metrics
 
@@ -139,13 +140,17 @@ def build() -> nn.Module:
 '''
 
 
-def recorded_evaluation(run: Path, checkpoint: str, epoch: int, name: Optional[str]) -> tuple:
-    """(file name, results) of `iaat eval`'s evaluation of this checkpoint, <run>/<name>.json
-    (default eval, or eval_best); IAATError if it is missing, unfinished or of another epoch."""
-    name = name or ("eval" if checkpoint == "last" else "eval_best")
+def recorded_evaluation(run: Path, checkpoint: str, epoch: int, name: Optional[str],
+                        weights: str = "raw") -> tuple:
+    """(file name, results) of `iaat eval`'s evaluation of these weights of this checkpoint,
+    <run>/<name>.json (default eval or eval_best, then _ema for the weight average);
+    IAATError if it is missing, unfinished, of another epoch or of the other weights."""
+    default = ("eval" if checkpoint == "last" else "eval_best") + \
+        ("_ema" if weights == "ema" else "")
+    name = name or default
     path = run / f"{name}.json"
-    redo = f"iaat eval {run}" + (" --checkpoint best" if checkpoint == "best" else "") + (
-        "" if name in ("eval", "eval_best") else f" --name {name}")
+    redo = f"iaat eval {run}" + (" --checkpoint best" if checkpoint == "best" else "") + \
+        f" --weights {weights}" + ("" if name == default else f" --name {name}")
     if not path.is_file():
         raise IAATError(f"{path} not found: evaluate the checkpoint first ({redo}, with "
                         "--parts autoattack for RobustBench); the export records its evaluation")
@@ -159,6 +164,9 @@ def recorded_evaluation(run: Path, checkpoint: str, epoch: int, name: Optional[s
         raise IAATError(f"{path} evaluated the {res.get('checkpoint')} checkpoint at epoch "
                         f"{res.get('checkpoint_epoch')}, the {checkpoint} one holds epoch {epoch};"
                         f" rerun {redo}")
+    if res.get("weights", "raw") != weights:
+        raise IAATError(f"{path} evaluated the {res.get('weights')} weights, the export takes "
+                        f"the {weights} ones; rerun {redo}")
     return path.name, res
 
 
@@ -200,20 +208,22 @@ def write_folder(out: Path, files: dict) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_run(run, out, checkpoint: str = "last", eval_name: Optional[str] = None) -> dict:
-    """`iaat export RUN OUT`: the run's last (or best) checkpoint in RobustBench's formats, with
-    the record of where it came from (module docstring); returns the record."""
+def export_run(run, out, checkpoint: str = "last", eval_name: Optional[str] = None,
+               weights: str = "raw") -> dict:
+    """`iaat export RUN OUT`: the run's last (or best) checkpoint in RobustBench's formats, its
+    trained weights or (`weights` "ema") their average, with the record of where it came from
+    (module docstring); returns the record."""
     run, out = Path(run), Path(out)
     cfg, ckpt = run_config(run, checkpoint)
-    net = load_model(run, "cpu", cfg, ckpt)  # checks that the weights fit the network
-    eval_file, res = recorded_evaluation(run, checkpoint, ckpt["epoch"], eval_name)
+    net = load_model(run, "cpu", cfg, ckpt, weights)  # checks that the weights fit the network
+    eval_file, res = recorded_evaluation(run, checkpoint, ckpt["epoch"], eval_name, weights)
     spec = robustbench_class(cfg.dataset, cfg.model)
     state = {exported_key(k, spec): v for k, v in net.state_dict().items()}
     mean, std = (net.state_dict()[k].flatten().tolist() for k in NORMALIZE)
     what = f"{cfg.dataset} {cfg.model} {cfg.method} seed {cfg.seed}, {checkpoint} checkpoint, " \
-           f"epoch {ckpt['epoch']}"
+           f"epoch {ckpt['epoch']}" + (", weight average" if weights == "ema" else "")
     shape = (DATASET_SHAPES[cfg.dataset][0],) + (IMAGE_SIZES[cfg.dataset],) * 2
-    record = {"run": str(run), "checkpoint": checkpoint, "epoch": ckpt["epoch"],
+    record = {"run": str(run), "checkpoint": checkpoint, "weights": weights, "epoch": ckpt["epoch"],
               "epochs": cfg.epochs, "chosen": how_chosen(run, cfg, checkpoint, ckpt["epoch"]),
               "architecture": ARCHITECTURE_NAMES[cfg.model], "definition": "model.py",
               "robustbench_class": f"{spec['module']}.{spec['cls']}" if spec else None,
@@ -244,8 +254,11 @@ def build_export_parser() -> CLIParser:
     p.add_argument("--checkpoint", choices=tuple(CHECKPOINTS), default="last",
                    help="last (the paper's protocol) or best: the best epoch on the held-out "
                         "images of a run trained with --val-size")
+    p.add_argument("--weights", choices=WEIGHTS, default="raw", help="raw: the trained "
+                   "weights; ema: the weight average of a run trained with --ema")
     p.add_argument("--eval-name", help="stem of the evaluation to record (default: eval, "
-                   "eval_best for --checkpoint best: iaat eval's --name)")
+                   "eval_best for --checkpoint best, then _ema for --weights ema: iaat eval's "
+                   "--name)")
     return p
 
 
@@ -253,7 +266,7 @@ def main(argv=None) -> int:
     """`iaat export RUN OUT [--checkpoint best] [--eval-name NAME]`."""
     args = build_export_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        export_run(args.run, args.out, args.checkpoint, args.eval_name)
+        export_run(args.run, args.out, args.checkpoint, args.eval_name, args.weights)
     except (IAATError, OSError) as err:
         print(f"iaat: error: {err}", file=sys.stderr)
         return 1

@@ -55,7 +55,10 @@ def describe(cfg: Config) -> str:
         return f"{v * 255:g}/255"
     method = {"iaat": f"IAAT: eps_w {px(cfg.eps_w)}, warmup {cfg.warmup} epochs, gamma "
                       f"{px(cfg.gamma)}, beta {cfg.beta:g}",
-              "at": f"PGD-AT at eps {px(cfg.eps_w)}", "clean": "clean training"}[cfg.method]
+              "at": f"PGD-AT at eps {px(cfg.eps_w)}", "clean": "clean training",
+              "trades": f"TRADES at eps {px(cfg.eps_w)}, beta {cfg.trades_beta:g}"}[cfg.method]
+    method += f", TRADES loss (beta {cfg.trades_beta:g})" if cfg.loss == "trades" else ""
+    method += f", weight average (decay {cfg.ema:g})" if cfg.ema else ""
     step = px(cfg.step_size) if cfg.step_rel is None else f"{cfg.step_rel:g} eps_i / k"
     noise = f"; {cfg.label_noise:.0%} of the labels flipped" if cfg.label_noise else ""
     return (f"{method}; PGD-{cfg.attack_steps}, step {step}; {cfg.model}, {cfg.epochs} epochs of "

@@ -95,7 +95,15 @@ PAPERS = {"iaat": {"link": "https://arxiv.org/abs/1910.08051",
                    "authors": "Yogesh Balaji, Tom Goldstein, Judy Hoffman",
                    "venue": "arXiv, Oct 2019"}}
 TEST_SET_SIZES = {"cifar10": 10_000, "cifar100": 10_000, "digits": 497}
-METHOD_NAMES = {"iaat": "IAAT", "at": "PGD-AT (Madry et al.)", "clean": "standard training"}
+METHOD_NAMES = {"iaat": "IAAT", "at": "PGD-AT (Madry et al.)", "trades": "TRADES (Zhang et al.)",
+                "clean": "standard training"}
+
+
+def method_name(method: str, loss: str = "ce", weights: str = "raw") -> str:
+    """'IAAT', 'IAAT with the TRADES loss', 'TRADES (Zhang et al.), weight average', ..."""
+    name = METHOD_NAMES[method] + (" with the TRADES loss" if method == "iaat" and
+                                   loss == "trades" else "")
+    return name + (", weight average" if weights == "ema" else "")
 
 
 def robustbench_percent(acc: float) -> str:
@@ -124,7 +132,8 @@ def model_info(r: dict) -> dict:
             "eps": f"{r['eps_255']:g}/255", "clean_acc": robustbench_percent(r["natural"]),
             "reported": robustbench_percent(r["autoattack"]),
             "autoattack_acc": robustbench_percent(r["autoattack"]),
-            "footnote": f"{METHOD_NAMES[r['method']]} trained with the iaat reference "
+            "footnote": f"{method_name(r['method'], r.get('loss', 'ce'), r.get('weights', 'raw'))}"
+                        " trained with the iaat reference "
                         f"implementation, {r['checkpoint']} checkpoint (epoch "
                         f"{r['checkpoint_epoch']} of {r['epochs']}); {d['version']} AutoAttack "
                         f"({d['package']}, {d['norm']}) on {images}."}

@@ -4,13 +4,15 @@
     bash scripts/reproduce_table1.sh cifar10 wrn32-10 --corruptions data/CIFAR-10-C
     bash scripts/reproduce_table1.sh cifar100 resnet18 --estimate   # the expected time only
 
-1. Train clean, PGD-AT and IAAT with the paper's settings (the iaat.py presets, Table 10),
-   seeds 0 and 1. Seed 1 is the independently trained copy whose attacks transfer to seed 0.
+1. Train clean, PGD-AT, TRADES, IAAT and IAAT with the TRADES loss with the paper's settings
+   (the iaat.py presets, Table 10; TRADES' beta 6), seeds 0 and 1. Seed 1 is the
+   independently trained copy whose attacks transfer to seed 0. With --ema DECAY every run also
+   keeps a weight average (into folders ending in -ema<DECAY>).
 2. Evaluate each seed-0 run on the whole test set: natural, PGD-10x5, PGD-100x5, PGD-1000x2,
    the transfer PGD-1000x2 from seed 1, standard AutoAttack, and with --corruptions the
-   CIFAR-10-C accuracy (`iaat.py eval`, the paper preset).
+   CIFAR-10-C accuracy (`iaat.py eval`, the paper preset); with --ema, the weight average too.
 3. Print the table beside the paper's numbers and write it to OUT/table-DATASET-MODEL.md.
-4. Export the PGD-AT and IAAT runs (seed 0) in RobustBench's formats, with their evaluation
+4. Export the adversarially trained runs (seed 0) in RobustBench's formats, with their evaluation
    and its model_info: OUT/export-<run>/ (`iaat.py export`, docs/robustbench.md).
 
 Rerunning the command skips what is done: a finished run (its summary.json with these
@@ -36,7 +38,9 @@ import iaat  # noqa: E402
 import iaat_notebook  # noqa: E402
 import iaat_run  # noqa: E402
 
-METHODS = ("clean", "at", "iaat")
+METHODS = ("clean", "at", "trades", "iaat", "iaat-trades")
+FLAGS = {"clean": ["--method", "clean"], "at": ["--method", "at"], "trades": ["--method", "trades"],
+         "iaat": ["--method", "iaat"], "iaat-trades": ["--method", "iaat", "--loss", "trades"]}
 SEEDS = (0, 1)  # seed 1: the transfer attack's source
 PAPER_COLUMNS = ("natural", "PGD-10x5", "PGD-100x5", "PGD-1000x2", "transfer", "corruptions")
 # Tables 1 and 2 of the paper (accuracy, %) in PAPER_COLUMNS: the transfer attack is PGD-1000x2,
@@ -55,19 +59,22 @@ PAPER = {
                                "at": (59.58, 26.24, 25.47, 25.49, 38.10, None),
                                "iaat": (68.80, 26.17, 24.22, 24.36, 35.18, None)},
 }
-NAMES = {"clean": "Clean", "at": "PGD-AT", "iaat": "IAAT"}
-EXPORTED = ("at", "iaat")  # shared in RobustBench's formats at the end
+NAMES = {"clean": "Clean", "at": "PGD-AT", "trades": "TRADES", "iaat": "IAAT",
+         "iaat-trades": "IAAT, TRADES loss"}
+EXPORTED = ("at", "trades", "iaat", "iaat-trades")  # shared in RobustBench's formats at the end
 # flags the script sets itself, and so refuses in --train-flags and --eval-flags
-SET_HERE = {"train": ("--dataset", "--model", "--method", "--seed", "--out"),
-            "eval": ("--surrogate", "--corruptions", "--name", "--checkpoint")}
+SET_HERE = {"train": ("--dataset", "--model", "--method", "--loss", "--seed", "--out", "--ema"),
+            "eval": ("--surrogate", "--corruptions", "--name", "--checkpoint", "--weights")}
 
 # ---- the expected GPU time ------------------------------------------------------------------
 # Forward-equivalents per image (a backward counts as two forwards with weight gradients, one
 # without, as in benchmarks/bench.py): a clean step 3; a PGD-10 AT step 10 x 2 + 3 = 23. IAAT
 # adds Alg 2's selection attacks: 1.57-1.76x PGD-AT's epoch time in benchmarks/bench.py (CPU,
-# digits), so 1.7x. Evaluation per test image: PGD-10x5 100, PGD-100x5 1,000, PGD-1000x2 4,000,
+# digits), so 1.7x. A TRADES step: the clean prediction 1, the KL attack 10 x 2, two forwards
+# and their backward 6, so 27; IAAT's selection (0.7 x 23) on top for IAAT with it.
+# Evaluation per test image: PGD-10x5 100, PGD-100x5 1,000, PGD-1000x2 4,000,
 # the transfer attack 4,000 on the surrogate, AutoAttack about 4,700 (iaat_eval's estimate).
-PASSES = {"clean": 3, "at": 23, "iaat": 23 * 1.7}
+PASSES = {"clean": 3, "at": 23, "trades": 27, "iaat": 23 * 1.7, "iaat-trades": 27 + 23 * 0.7}
 EVAL_PASSES = 100 + 1_000 + 4_000 + 4_000 + 4_700
 H100_TF32 = 495e12  # dense TF32 FLOP/s (fp32 convolutions run as TF32 in torch by default)
 # assumed share of that peak: small 32x32 convolutions at batch 128 use little of a big GPU
@@ -98,15 +105,17 @@ def measured_images_per_second(model: str) -> tuple[dict, str]:
     return {k: ips[v] for k, v in (("iaat", "iaat"), ("at", "pgd_at")) if v in ips}, gpu
 
 
-def time_estimate(dataset: str, model: str, cfg: iaat.Config,
-                  n_test: int = 10_000) -> tuple[float, str]:
-    """(central estimate in hours, the explanation) for all of this script's stages."""
+def time_estimate(dataset: str, model: str, cfg: iaat.Config, n_test: int = 10_000,
+                  weights: int = 1) -> tuple[float, str]:
+    """(central estimate in hours, the explanation) for all of this script's stages;
+    `weights`: evaluations per run (2 with --ema: the trained weights and the average)."""
     flops, n_train = forward_flops(model, dataset), cfg.n_train or 50_000
     measured, gpu = measured_images_per_second(model)
     images = n_train * cfg.epochs * len(SEEDS)
     measured_s = sum(images / measured[m] for m in METHODS if m in measured)
     train_flop = sum(images * PASSES[m] * flops for m in METHODS if m not in measured)
-    eval_flop = len(METHODS) * n_test * EVAL_PASSES * flops  # the evaluations: always estimated
+    evaluations = len(METHODS) * weights
+    eval_flop = evaluations * n_test * EVAL_PASSES * flops  # the evaluations: always estimated
 
     def hours(utilisation: float) -> float:
         return (measured_s + (train_flop + eval_flop) / (utilisation * H100_TF32)) / 3600
@@ -116,7 +125,8 @@ def time_estimate(dataset: str, model: str, cfg: iaat.Config,
     how = [f"{NAMES[m]} training: measured {measured[m]:.0f} images/s on {gpu} "
            "(benchmarks/results/gpu_check-cuda.json)" for m in METHODS if m in measured]
     text = (f"Expected time on one H100: about {total:.0f} h ({train_s / 3600:.0f} h training "
-            f"6 runs of {cfg.epochs} epochs, {eval_s / 3600:.1f} h evaluating 3), "
+            f"{len(METHODS) * len(SEEDS)} runs of {cfg.epochs} epochs, {eval_s / 3600:.1f} h "
+            f"for {evaluations} evaluations), "
             f"{lo:.0f}-{hi:.0f} h at {UTILISATION[2]:.0%}-{UTILISATION[0]:.0%} of the peak.\n"
             + "".join(f"  {line}.\n" for line in how)
             + f"  {'The rest is' if how else 'This is'} an ESTIMATE, not a measurement: "
@@ -129,14 +139,20 @@ def time_estimate(dataset: str, model: str, cfg: iaat.Config,
 
 # ---- the stages -----------------------------------------------------------------------------
 
-def run_dir(out: Path, dataset: str, model: str, method: str, seed: int) -> Path:
-    return out / f"{dataset}-{model}-{method}-seed{seed}"
+def run_dir(args, method: str, seed: int) -> Path:
+    ema = f"-ema{args.ema:g}" if args.ema else ""
+    return args.out / f"{args.dataset}-{args.model}-{method}-seed{seed}{ema}"
 
 
 def train_argv(args, method: str, seed: int) -> list:
-    return ["--dataset", args.dataset, "--model", args.model, "--method", method, "--seed",
-            str(seed), "--out", str(run_dir(args.out, args.dataset, args.model, method, seed)),
-            *args.train_flags]
+    ema = ["--ema", f"{args.ema:g}"] if args.ema else []
+    return ["--dataset", args.dataset, "--model", args.model, *FLAGS[method], "--seed",
+            str(seed), *ema, "--out", str(run_dir(args, method, seed)), *args.train_flags]
+
+
+def weights(args) -> tuple:
+    """(weights, the stem of their evaluation files) evaluated for every run."""
+    return (("raw", "eval"), ("ema", "eval_ema")) if args.ema else (("raw", "eval"),)
 
 
 def finished(argv: list) -> bool:
@@ -148,21 +164,20 @@ def finished(argv: list) -> bool:
         return False
 
 
-def eval_argv(args, method: str) -> list:
-    run = run_dir(args.out, args.dataset, args.model, method, 0)
-    surrogate = run_dir(args.out, args.dataset, args.model, method, 1)
+def eval_argv(args, method: str, weights: str = "raw", stem: str = "eval") -> list:
+    run, surrogate = run_dir(args, method, 0), run_dir(args, method, 1)
     parts = "whitebox,transfer,autoattack" + (",corruptions" if args.corruptions else "")
     extra = ["--corruptions", str(args.corruptions)] if args.corruptions else []
     return ["eval", str(run), "--surrogate", str(surrogate), "--parts", parts, *extra,
-            *args.eval_flags]
+            "--weights", weights, "--name", stem, *args.eval_flags]
 
 
-def evaluated(run: Path, argv: list) -> bool:
-    """Whether RUN/eval.json is complete, made by `python iaat.py ARGV` (as this script
-    recorded in eval_command.json) on the run's final checkpoint."""
+def evaluated(run: Path, argv: list, stem: str = "eval") -> bool:
+    """Whether RUN/STEM.json is complete, made by `python iaat.py ARGV` (as this script
+    recorded in STEM_command.json) on the run's final checkpoint."""
     try:
-        res = json.loads((run / "eval.json").read_text())
-        made_by = json.loads((run / "eval_command.json").read_text())
+        res = json.loads((run / f"{stem}.json").read_text())
+        made_by = json.loads((run / f"{stem}_command.json").read_text())
         epochs = json.loads((run / "summary.json").read_text())["epochs"]
     except (OSError, ValueError, KeyError):
         return False
@@ -170,7 +185,7 @@ def evaluated(run: Path, argv: list) -> bool:
 
 
 def export_argv(args, method: str) -> list:
-    run = run_dir(args.out, args.dataset, args.model, method, 0)
+    run = run_dir(args, method, 0)
     return ["export", str(run), str(args.out / f"export-{run.name}")]
 
 
@@ -212,7 +227,8 @@ def ours(res: dict) -> dict:
 
 
 def table(dataset: str, model: str, results: dict) -> str:
-    """Markdown: our row and the paper's per method; '-' where a column was not measured."""
+    """Markdown: our row and the paper's per method (and weights: `results` is keyed by method
+    or (method, "ema")); '-' where a column was not measured."""
     paper = PAPER.get((dataset, model), {})
     whitebox = dict.fromkeys(k for r in results.values() for k in r.get("whitebox", {}))
     columns = ("natural", *(whitebox or PAPER_COLUMNS[1:4]), "transfer", "corruptions",
@@ -220,8 +236,10 @@ def table(dataset: str, model: str, results: dict) -> str:
     lines = ["| method | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
     for method in METHODS:
         for who, row in (("ours", ours(results[method]) if method in results else {}),
+                         ("weight average, ours", ours(results[method, "ema"])
+                          if (method, "ema") in results else None),
                          ("paper", dict(zip(PAPER_COLUMNS, paper.get(method, ()))))):
-            if who == "paper" and not paper:
+            if row is None or (who == "paper" and not row):
                 continue
             cells = ["-" if row.get(c) is None else f"{row[c]:.2f}" for c in columns]
             lines.append(f"| {NAMES[method]} ({who}) | " + " | ".join(cells) + " |")
@@ -240,6 +258,8 @@ def parse(argv):
                    help="more iaat.py flags for every run, e.g. \"--data-root /data\"")
     p.add_argument("--eval-flags", type=shlex.split, default=[],
                    help="more `iaat.py eval` flags, e.g. \"--batch-size 1000\"")
+    p.add_argument("--ema", type=float, default=0.0, help="every run also keeps a weight "
+                   "average with this decay (iaat.py --ema, e.g. 0.999), evaluated too")
     p.add_argument("--estimate", action="store_true", help="print the expected time and stop")
     args = p.parse_args(argv)
     for flags, mine in ((args.train_flags, SET_HERE["train"]), (args.eval_flags, SET_HERE["eval"])):
@@ -256,7 +276,7 @@ def main(argv=None, log=print) -> int:
     except iaat_run.IAATError as err:
         print(f"reproduce_table1: error: {err}", file=sys.stderr)
         return 1
-    log(time_estimate(args.dataset, args.model, cfg)[1])
+    log(time_estimate(args.dataset, args.model, cfg, weights=len(weights(args)))[1])
     if args.estimate:
         return 0
     for method in METHODS:
@@ -265,11 +285,13 @@ def main(argv=None, log=print) -> int:
             stage(argv, finished(argv), log)
     results = {}
     for method in METHODS:
-        argv = eval_argv(args, method)
-        run = Path(argv[1])
-        stage(argv, evaluated(run, argv), log)
-        iaat_run.write_json(run / "eval_command.json", argv)
-        results[method] = json.loads((run / "eval.json").read_text())
+        for which, stem in weights(args):
+            argv = eval_argv(args, method, which, stem)
+            run = Path(argv[1])
+            stage(argv, evaluated(run, argv, stem), log)
+            iaat_run.write_json(run / f"{stem}_command.json", argv)
+            results[method if which == "raw" else (method, which)] = json.loads(
+                (run / f"{stem}.json").read_text())
     text = (f"{args.dataset} {args.model}: ours (seed 0; transfer from seed 1) and the paper's "
             f"Table {1 if args.dataset == 'cifar10' else 2}, accuracy in % at eps 8/255\n\n"
             + table(args.dataset, args.model, results) + "\n")

@@ -27,11 +27,14 @@ def test_reproduce_table1_end_to_end_and_resumed(tmp_path, no_md5):
     lines = []
     assert reproduce.main(argv, log=lines.append) == 0
     assert "ESTIMATE" in lines[0]
+    methods = ("clean", "at", "trades", "iaat", "iaat-trades")
     runs = {(m, s): tmp_path / "runs" / f"cifar10-smallcnn-{m}-seed{s}"
-            for m in ("clean", "at", "iaat") for s in (0, 1)}
-    for run in runs.values():
-        assert json.loads((run / "summary.json").read_text())["epochs"] == 2
-    for method in ("clean", "at", "iaat"):
+            for m in methods for s in (0, 1)}
+    for (method, _), run in runs.items():
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["epochs"] == 2 and "ema_natural_acc" not in summary
+        assert summary["loss"] == ("trades" if "trades" in method else "ce")
+    for method in methods:
         res = json.loads((runs[method, 0] / "eval.json").read_text())
         assert res["complete"] and res["surrogate"] == str(runs[method, 1])
         assert set(res["autoattack_stages"]) == {"APGD-CE", "APGD-T", "FAB-T", "Square"}
@@ -39,9 +42,11 @@ def test_reproduce_table1_end_to_end_and_resumed(tmp_path, no_md5):
     table = (tmp_path / "runs" / "table-cifar10-smallcnn.md").read_text()
     assert table in "\n".join(lines)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "(ours)" in line]
-    assert [r.split(" |")[0] for r in rows] == ["| Clean (ours)", "| PGD-AT (ours)", "| IAAT (ours)"]
+    assert [r.split(" |")[0] for r in rows] == ["| Clean (ours)", "| PGD-AT (ours)",
+                                                "| TRADES (ours)", "| IAAT (ours)",
+                                                "| IAAT, TRADES loss (ours)"]
     assert "PGD-2x1" in table and "AutoAttack" in table
-    exports = {m: tmp_path / "runs" / f"export-cifar10-smallcnn-{m}-seed0" for m in ("at", "iaat")}
+    exports = {m: tmp_path / "runs" / f"export-cifar10-smallcnn-{m}-seed0" for m in methods[1:]}
     for method, export in exports.items():  # in RobustBench's formats, with the run's numbers
         res = json.loads((runs[method, 0] / "eval.json").read_text())
         assert json.loads((export / "export.json").read_text())["evaluation"] == res
@@ -57,17 +62,17 @@ def test_reproduce_table1_end_to_end_and_resumed(tmp_path, no_md5):
     lines.clear()
     assert reproduce.main(argv, log=lines.append) == 0
     running = [line for line in lines if line.startswith("running")]
-    assert sum(line.startswith("done already") for line in lines) == 9
+    assert sum(line.startswith("done already") for line in lines) == 10 + 4 + 3
     assert len(running) == 2 and f"eval {runs['at', 0]} " in running[0]
     assert f"export {runs['at', 0]} {exports['at']}" in running[1]
     assert checkpoint.stat().st_mtime_ns == mtime
     assert (tmp_path / "runs" / "table-cifar10-smallcnn.md").read_text() == table
-    # other evaluation flags: the three evaluations are redone, the runs are not
+    # other evaluation flags: the five evaluations are redone, the runs are not
     lines.clear()
     assert reproduce.main(argv[:-1] + [TINY_EVAL.replace("2x1", "3x1")], log=lines.append) == 0
     running = [line for line in lines if line.startswith("running")]
-    assert len(running) == 5 and all(" eval " in line for line in running[:3])
-    assert all(" export " in line for line in running[3:])
+    assert len(running) == 9 and all(" eval " in line for line in running[:5])
+    assert all(" export " in line for line in running[5:])
     assert "PGD-3x1" in (tmp_path / "runs" / "table-cifar10-smallcnn.md").read_text()
     assert checkpoint.stat().st_mtime_ns == mtime
 
@@ -101,7 +106,9 @@ def test_the_estimate_says_it_is_one_and_scales_with_the_work(monkeypatch):
     assert "ESTIMATE, not a measurement" in text
     assert reproduce.forward_flops("resnet18", "cifar10") == pytest.approx(1.11e9, rel=0.02)
     longer, _ = reproduce.time_estimate("cifar10", "wrn32-10", iaat.make_config("cifar10", "wrn32-10"))
-    assert 5 < hours < 40 and longer > 5 * hours  # 12x the FLOPs per image, 110 epochs not 200
+    assert 5 < hours < 60 and longer > 5 * hours  # 12x the FLOPs per image, 110 epochs not 200
+    with_average, text = reproduce.time_estimate("cifar10", "resnet18", cfg, weights=2)
+    assert with_average > hours and "10 evaluations" in text and "10 runs" in text
 
 
 @pytest.mark.slow
@@ -132,7 +139,23 @@ def test_the_estimate_uses_measured_throughput_where_there_is_one(tmp_path, monk
     images = 50_000 * 200 * 2
     measured_h = (images / 1000 + images / 2000) / 3600
     flops = reproduce.forward_flops("resnet18", "cifar10")
-    rest = images * 3 * flops + 3 * 10_000 * reproduce.EVAL_PASSES * flops
+    rest = images * (3 + 27 + 27 + 23 * 0.7) * flops + 5 * 10_000 * reproduce.EVAL_PASSES * flops
     assert hours == pytest.approx(measured_h + rest / (0.10 * reproduce.H100_TF32) / 3600)
     low = float(text.split(" h at ")[0].split(", ")[-1].split("-")[0])
     assert low == pytest.approx(measured_h + rest / (0.20 * reproduce.H100_TF32) / 3600, abs=0.5)
+
+
+def test_ema_runs_go_to_their_own_folders_and_both_weights_are_evaluated(tmp_path):
+    args = reproduce.parse(["cifar10", "resnet18", "--out", str(tmp_path), "--ema", "0.999"])
+    argv = reproduce.train_argv(args, "iaat-trades", 1)
+    assert argv[argv.index("--ema") + 1] == "0.999"
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "cifar10-resnet18-iaat-trades-seed1-ema0.999")
+    assert ["--method", "iaat", "--loss", "trades"] == argv[4:8]
+    assert reproduce.weights(args) == (("raw", "eval"), ("ema", "eval_ema"))
+    ema = reproduce.eval_argv(args, "at", "ema", "eval_ema")
+    assert ema[ema.index("--weights") + 1] == "ema" and ema[ema.index("--name") + 1] == "eval_ema"
+    plain = reproduce.parse(["cifar10", "resnet18", "--out", str(tmp_path)])
+    assert "--ema" not in reproduce.train_argv(plain, "at", 0) and len(reproduce.weights(plain)) == 1
+    res = {"natural": 0.9, "whitebox": {"PGD-10x5": 0.5}}
+    table = reproduce.table("cifar10", "resnet18", {"at": res, ("at", "ema"): res})
+    assert "| PGD-AT (weight average, ours) | 90.00 | 50.00 |" in table
