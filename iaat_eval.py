@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -40,8 +39,8 @@ from iaat_autoattack import (AUTOATTACK_BATCH, AUTOATTACK_PARTS, AUTOATTACK_STAG
                              autoattack_correct)
 from iaat_report import (eval_table, flag_notes, model_info, pgd_name, plot_sweeps, sanity_flags,
                          stage_notes, sweep_tables)
-from iaat_run import (CLIParser, IAATError, atomic_write, choose_threads, pick_device,
-                      read_checkpoint, write_json)
+from iaat_run import (CLIParser, IAATError, atomic_write, choose_threads, numbers, parse_pair,
+                      parse_pairs, pick_device, read_checkpoint, write_json)
 
 
 # ============================================================================================
@@ -601,40 +600,6 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: Optional[str] =
 # The CLI: `iaat eval RUN_DIR [flags]` (also `python iaat.py eval ...`)
 # ============================================================================================
 
-def _pairs(text: str) -> tuple:
-    """'10x5,100x5' -> ((10, 5), (100, 5))."""
-    try:
-        pairs = tuple(tuple(int(v) for v in p.split("x")) for p in text.split(","))
-    except ValueError:
-        pairs = ()
-    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
-        raise argparse.ArgumentTypeError(f"expected STEPSxRESTARTS[,...] such as 10x5, got {text!r}")
-    return pairs
-
-
-def _pair(text: str) -> tuple:
-    """'1000x2' -> (1000, 2)."""
-    pairs = _pairs(text)
-    if len(pairs) != 1:
-        raise argparse.ArgumentTypeError(f"expected one STEPSxRESTARTS such as 1000x2, got {text!r}")
-    return pairs[0]
-
-
-def _numbers(kind, least: float = 0, single: bool = False):
-    """A parser of 'a,b,c' (or of one number with `single`), each finite and >= least."""
-    def parse(text: str):
-        try:
-            values = tuple(kind(v) for v in text.split(","))
-        except ValueError:
-            values = ()
-        if not values or (single and len(values) > 1) or \
-                any(not math.isfinite(v) or v < least for v in values):
-            many = "a number" if single else "comma-separated numbers"
-            raise argparse.ArgumentTypeError(f"expected {many} >= {least:g}, got {text!r}")
-        return values[0] if single else values
-    return parse
-
-
 def build_eval_parser() -> argparse.ArgumentParser:
     p = CLIParser(prog="iaat eval", description="The paper's evaluation protocol (Sec 4, Tables 1-4, "
                 "Figs 4 and 9) on a run folder written by iaat.py; writes <run>/<name>.json, "
@@ -654,14 +619,14 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", type=lambda s: set(s.split(",")), help="comma-separated subset of "
                    f"{','.join(EVAL_PARTS)} (default: all but apgd, the quick look at AutoAttack's "
                    "first half; transfer and corruptions when their inputs are given)")
-    p.add_argument("--eps", type=_numbers(float, single=True), help="test radius [x/255]")
-    p.add_argument("--step-size", type=_numbers(float, single=True),
+    p.add_argument("--eps", type=numbers(float, single=True), help="test radius [x/255]")
+    p.add_argument("--step-size", type=numbers(float, single=True),
                    help="PGD step size [x/255]")
-    p.add_argument("--whitebox", type=_pairs, help="white-box PGD attacks, e.g. 10x5,100x5,1000x2")
-    p.add_argument("--transfer", type=_pair, help="transfer attack, e.g. 1000x2")
-    p.add_argument("--eps-sweep", type=_numbers(float), help="test radii of the Fig 4 sweep [x/255]")
-    p.add_argument("--sweep-attack", type=_pair, help="PGD of the eps sweep, e.g. 100x1")
-    p.add_argument("--steps-sweep", type=_numbers(int, least=1),
+    p.add_argument("--whitebox", type=parse_pairs, help="white-box PGD attacks, e.g. 10x5,100x5,1000x2")
+    p.add_argument("--transfer", type=parse_pair, help="transfer attack, e.g. 1000x2")
+    p.add_argument("--eps-sweep", type=numbers(float), help="test radii of the Fig 4 sweep [x/255]")
+    p.add_argument("--sweep-attack", type=parse_pair, help="PGD of the eps sweep, e.g. 100x1")
+    p.add_argument("--steps-sweep", type=numbers(int, least=1),
                    help="PGD iteration counts of Fig 9")
     p.add_argument("--targeted", choices=("none", "random"), default="none",
                    help="random: the white-box PGD rows are random-targeted (ImageNet protocol, "

@@ -5,7 +5,9 @@
   trainings out of one folder, the metrics and eps-history files, checkpoints read back
   (weights_only) and checked, what a resume needs saved and restored, the best checkpoint;
 - the SIGTERM flag the training loop polls, and the exit after it;
-- how many CPU threads torch uses (the cores idle at the start).
+- how many CPU threads torch uses (the cores idle at the start);
+- the command lines' parsing: one-line errors, flags from a config dataclass, and the value
+  types of `iaat eval` (STEPSxRESTARTS lists, number lists).
 """
 from __future__ import annotations
 
@@ -70,6 +72,40 @@ def dataclass_values(args: argparse.Namespace, cls, scale: float) -> dict:
             value = tuple(v / scale for v in value) if isinstance(value, tuple) else value / scale
         values[name] = value
     return values
+
+
+def parse_pairs(text: str) -> tuple:
+    """'10x5,100x5' -> ((10, 5), (100, 5))."""
+    try:
+        pairs = tuple(tuple(int(v) for v in p.split("x")) for p in text.split(","))
+    except ValueError:
+        pairs = ()
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected STEPSxRESTARTS[,...] such as 10x5, got {text!r}")
+    return pairs
+
+
+def parse_pair(text: str) -> tuple:
+    """'1000x2' -> (1000, 2)."""
+    pairs = parse_pairs(text)
+    if len(pairs) != 1:
+        raise argparse.ArgumentTypeError(f"expected one STEPSxRESTARTS such as 1000x2, got {text!r}")
+    return pairs[0]
+
+
+def numbers(kind, least: float = 0, single: bool = False):
+    """A parser of 'a,b,c' (or of one number with `single`), each finite and >= least."""
+    def parse(text: str):
+        try:
+            values = tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if not values or (single and len(values) > 1) or \
+                any(not math.isfinite(v) or v < least for v in values):
+            many = "a number" if single else "comma-separated numbers"
+            raise argparse.ArgumentTypeError(f"expected {many} >= {least:g}, got {text!r}")
+        return values[0] if single else values
+    return parse
 
 
 # ===== torchrun's process group ==============================================================

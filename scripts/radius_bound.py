@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a run folder trained by iaat.py")
     p.add_argument("--n", type=int, default=400, help="training images, drawn with --seed")
-    p.add_argument("--attacks", type=iaat_eval._pairs, default=((20, 3), (100, 3), (100, 10)),
+    p.add_argument("--attacks", type=iaat_run.parse_pairs, default=((20, 3), (100, 3), (100, 10)),
                    help="PGD attacks of the bisection, the first the default (20x3)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

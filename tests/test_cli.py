@@ -25,7 +25,7 @@ def _one_line_error(r, *fragments):
 @pytest.mark.parametrize("args,fragments", [
     (["--dataset", "mnist"], ["invalid choice: 'mnist'"]),
     (["--model", "vgg16"], ["invalid choice: 'vgg16'"]),
-    (["--method", "trades"], ["invalid choice: 'trades'"]),
+    (["--method", "madry"], ["invalid choice: 'madry'"]),
     (["--eps-w", "-8"], ["--eps-w must be a finite number >= 0", "-8/255"]),
     (["--eps", "nan"], ["--eps-w must be a finite number >= 0"]),
     (["--gamma", "-1.9"], ["--gamma must be a finite number >= 0"]),
