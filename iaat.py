@@ -996,9 +996,10 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: floa
     return {"clean": clean / len(y), "robust": robust / len(y)}
 
 def state_hashes(s: TrainState) -> tuple:
-    """SHA-1s of every process's eps memory and model; IAATError if the processes differ."""
-    return agreement({"eps memories": [s.mem],
-                      "models (weights and BN statistics)": s.model.state_dict().values()})
+    """SHA-1s of every process's eps memory and model (and weight average); IAATError if the
+    processes differ."""
+    models = [*s.model.state_dict().values(), *(s.ema.state_dict().values() if s.ema else ())]
+    return agreement({"eps memories": [s.mem], "models (weights and BN statistics)": models})
 
 def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, log) -> dict:
     """Natural and PGD-20 accuracy on the whole test set at eps_test, summary.json and a line;

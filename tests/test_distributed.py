@@ -90,6 +90,23 @@ def test_reported_accuracy_is_that_of_the_saved_model(two):
     assert acc["clean"] == summary(out)["natural_acc"]
 
 
+def test_trades_loss_and_weight_average_under_torchrun(tmp_path):
+    """IAAT with the TRADES loss (two forward passes per step through DDP) and a weight
+    average: both processes end with the same model and average (finish checks it), and the
+    average evaluated at the end is the one saved."""
+    out = tmp_path / "run"
+    r = torchrun("--epochs", "2", *ARGS[4:], "--warmup", "1", "--loss", "trades", "--ema",
+                 "0.9", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = summary(out)
+    assert s["processes"] == 2 and s["loss"] == "trades"
+    assert len(set(s["model_sha1_per_process"])) == 1
+    r = run_cli("eval", out, "--parts", "whitebox", "--whitebox", "2x1", "--weights", "ema")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "eval_ema.json").read_text())["natural"] == \
+        pytest.approx(s["ema_natural_acc"])
+
+
 def test_batch_smaller_than_the_processes_is_refused(tmp_path):
     r = torchrun("--epochs", "1", "--n-train", "64", "--batch-size", "1", "--out", tmp_path / "r")
     assert r.returncode != 0
