@@ -91,7 +91,8 @@ class Config:
     select_step_size: Optional[float] = option(None, "PGD step of the selection attacks (default: "
                                                      "the training attack's step)", "/255")
     attack_bn: str = option("train", "BatchNorm mode of the training attack: train (as PGD-AT and the "
-                                     "official code) or eval; selection always runs in eval mode")
+                                     "official code) or eval; selection and TRADES' attack always "
+                                     "run in eval mode")
     # beyond the paper: the TRADES loss (Zhang et al. 2019) and a moving average of the weights
     loss: str = option("ce", "training loss of --method iaat: ce (Alg 1 l.11) or trades (TRADES "
                              "at each image's own radius); --method trades implies trades")
@@ -190,6 +191,8 @@ def check_config(cfg: Config) -> Config:
              "--method trades is TRADES at the fixed radius eps_w"),
             (uses_trades(cfg) and cfg.amp == "fp16", "TRADES' KL attack has no fp16 loss scaling: "
              "use --amp bf16 or none"),
+            (uses_trades(cfg) and cfg.attack_bn != "train", "--attack-bn does not apply to "
+             "TRADES, whose attack runs in eval mode (as trades.py)"),
             (not 0 <= cfg.ema < 1, f"--ema must be in [0, 1), got {cfg.ema}")):
         if wrong:
             raise IAATError(message)
@@ -587,7 +590,7 @@ def select_epsilon(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_prev:
 
 # ============================================================================================
 # THE TRADES LOSS (Zhang et al. 2019; yaodongyu/TRADES, trades.py) with a radius per sample.
-# Copy from this banner to "end of the TRADES loss"; it needs only torch and F (see the core).
+# Copy from this banner to "end of the TRADES loss"; it needs torch, nn and F, as the core.
 # ============================================================================================
 
 def trades_kl(logits_adv: torch.Tensor, logits_clean: torch.Tensor) -> torch.Tensor:
@@ -684,7 +687,7 @@ def training_inputs(model, x, y, eps: torch.Tensor, correct: torch.Tensor, cfg: 
     """Alg 1 l.8-11 as one batch: x_adv_i (PGD at eps_i, l.8) for S+, the clean x_i for S-.
     Attacking with eps_i = 0 for S- returns those x_i unchanged, so the mean cross-entropy of
     this batch is exactly the loss of Alg 1 l.11. With the TRADES loss, x_adv_i is TRADES' KL
-    attack at eps_i (eval mode, as trades.py): S- images get x'_i = x_i, no robust term."""
+    attack at eps_i (eval mode, as trades.py): S- images get x'_i = x_i, a KL term near 0."""
     if uses_trades(cfg):
         with model_mode(model, False):
             kw = attack_settings(cfg)
@@ -746,14 +749,16 @@ def autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=AMP[cfg.amp], enabled=AMP[cfg.amp] is not None)
 
 def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """torch's AveragedModel of the weights and BatchNorm statistics: the update after t
-    earlier ones moves the average by 1 - d towards the model, d = min(decay, (1+t)/(10+t))
-    (the usual warm-up: an early average does not hold on to the random initial weights)."""
-    def update(avg: list, new: list, t: torch.Tensor) -> None:  # lists of one dtype
-        d = min(decay, (1 + int(t)) / (10 + int(t)))
+    """torch's AveragedModel of the weights and BatchNorm statistics: its first update copies
+    the model; the update after t >= 1 earlier ones moves the average by 1 - d towards it,
+    d = min(decay, (1+t)/(10+t)) (the usual warm-up: no hold on the first random weights)."""
+    def update(avg: list, new: list, _) -> None:  # lists of one dtype
+        t = int(average.n_averaged)  # its CPU counter: no wait for the GPU
+        d = min(decay, (1 + t) / (10 + t))
         for a, b in zip(avg, new):
             a.lerp_(b, 1 - d) if a.is_floating_point() else a.copy_(b)  # ints: BN's count
-    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    average = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    return average
 
 def uses_channels_last(cfg: Config, device: torch.device) -> bool:
     return cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda"
@@ -934,7 +939,7 @@ def train_loop(cfg: Config, s: TrainState, out: Path, totals: dict, batches: Cal
             if not lr_per_step:
                 s.sched.step()
             s.epoch, s.step = s.epoch + 1, 0
-            sync_buffers(s.model, s.ema)
+            sync_buffers(s.model, s.ema.module if s.ema is not None else None)
             if cfg.method != "iaat":  # the radius each image was trained at, for the history
                 s.mem.fill_(0.0 if cfg.method == "clean" else cfg.eps_w)
             rows.append(epoch_row(s, totals, time.time() - t0, epoch_eval))  # check
@@ -998,7 +1003,8 @@ def evaluate(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, *, eps: floa
 def state_hashes(s: TrainState) -> tuple:
     """SHA-1s of every process's eps memory and model (and weight average); IAATError if the
     processes differ."""
-    models = [*s.model.state_dict().values(), *(s.ema.state_dict().values() if s.ema else ())]
+    models = [*s.model.state_dict().values(),
+              *(s.ema.module.state_dict().values() if s.ema is not None else ())]
     return agreement({"eps memories": [s.mem], "models (weights and BN statistics)": models})
 
 def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, log) -> dict:
@@ -1017,7 +1023,8 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, log) -
                         f"(updates per image {int(s.visits.min())}-{int(s.visits.max())}, "
                         f"expected {expected})")
     summary = {"run": str(out), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
-               "loss": "trades" if uses_trades(cfg) else "ce", "ema": cfg.ema, "seed": cfg.seed, "epochs": cfg.epochs, "natural_acc": acc["clean"],
+               "loss": "trades" if uses_trades(cfg) else "ce", "ema": cfg.ema, "seed": cfg.seed,
+               "epochs": cfg.epochs, "natural_acc": acc["clean"],
                "pgd_acc": acc["robust"], "pgd": f"PGD-{cfg.eval_steps}",
                "eps_test_255": cfg.eps_test * PIXEL,
                "eps_mean_255": float(s.mem.double().mean() * PIXEL) if rows else None,

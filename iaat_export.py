@@ -209,12 +209,14 @@ def write_folder(out: Path, files: dict) -> None:
 
 
 def export_run(run, out, checkpoint: str = "last", eval_name: Optional[str] = None,
-               weights: str = "raw") -> dict:
+               weights: Optional[str] = None) -> dict:
     """`iaat export RUN OUT`: the run's last (or best) checkpoint in RobustBench's formats, its
-    trained weights or (`weights` "ema") their average, with the record of where it came from
-    (module docstring); returns the record."""
+    trained weights or (`weights` "ema") their average (default, as `iaat eval`'s: the average
+    where the run kept one), with the record of where it came from (module docstring);
+    returns the record."""
     run, out = Path(run), Path(out)
     cfg, ckpt = run_config(run, checkpoint)
+    weights = weights or ("ema" if "ema" in ckpt else "raw")
     net = load_model(run, "cpu", cfg, ckpt, weights)  # checks that the weights fit the network
     eval_file, res = recorded_evaluation(run, checkpoint, ckpt["epoch"], eval_name, weights)
     spec = robustbench_class(cfg.dataset, cfg.model)
@@ -254,8 +256,9 @@ def build_export_parser() -> CLIParser:
     p.add_argument("--checkpoint", choices=tuple(CHECKPOINTS), default="last",
                    help="last (the paper's protocol) or best: the best epoch on the held-out "
                         "images of a run trained with --val-size")
-    p.add_argument("--weights", choices=WEIGHTS, default="raw", help="raw: the trained "
-                   "weights; ema: the weight average of a run trained with --ema")
+    p.add_argument("--weights", choices=WEIGHTS, help="raw: the trained weights; ema: the "
+                   "weight average of a run trained with --ema (default, as iaat eval's: ema "
+                   "where the run kept one, else raw)")
     p.add_argument("--eval-name", help="stem of the evaluation to record (default: eval, "
                    "eval_best for --checkpoint best, then _ema for --weights ema: iaat eval's "
                    "--name)")

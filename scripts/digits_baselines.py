@@ -10,8 +10,8 @@ same, bit for bit, as a run without --ema), then evaluates both with
 `iaat.py eval RUN --parts whitebox,autoattack --whitebox 1000x2 --weights raw|ema` on the whole
 test set: PGD-1000 with 2 restarts and standard AutoAttack, stage by stage, and each image's
 worst case over the two. Runs `--jobs` processes side by side, each on its share of the cores
-(--threads), and skips what is done: a run with its summary.json, an evaluation whose JSON
-is complete. Prints the markdown table: mean ± std over the seeds, and the training time of
+(--threads), and skips what is done: a finished run with these settings, an evaluation whose
+JSON is complete. Prints the markdown table: mean ± std over the seeds, and the training time of
 each method relative to PGD-AT's (from the runs' summary.json, measured beside the other jobs).
 """
 import argparse
@@ -26,6 +26,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import iaat  # noqa: E402
+import iaat_notebook  # noqa: E402
+import iaat_run  # noqa: E402
 from iaat_report import table_cells  # noqa: E402
 
 METHODS = {  # folder name: (label, flags of iaat.py)
@@ -74,6 +77,15 @@ def run_all(commands: list, jobs: int, threads: int) -> None:
                  f"{failed[0].stderr[-2000:]}")
 
 
+def finished(argv: list) -> bool:
+    """Whether the run of `python iaat.py ARGV` finished with exactly these settings."""
+    try:
+        iaat_notebook.train_or_load(iaat.config_from_args(argv), train_missing=False)
+        return True
+    except iaat_run.IAATError:
+        return False
+
+
 def complete(path: Path) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("complete", False)
 
@@ -105,9 +117,9 @@ def main(argv=None) -> int:
     args = parse(argv)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     runs = {(m, s): args.runs / f"{m}-seed{s}" for m in args.methods for s in args.seeds}
-    run_all([[*METHODS[m][1], "--seed", str(s), "--ema", args.ema, "--out", str(out),
-              *args.train_flags.split()] for (m, s), out in runs.items()
-             if not (out / "summary.json").is_file()], args.jobs, threads)
+    train = [[*METHODS[m][1], "--seed", str(s), "--ema", args.ema, "--out", str(out),
+              *args.train_flags.split()] for (m, s), out in runs.items()]
+    run_all([argv for argv in train if not finished(argv)], args.jobs, threads)
     run_all([["eval", str(out), *EVAL, "--weights", w, *args.eval_flags.split()]
              for out in runs.values() for w, stem in (("raw", "eval"), ("ema", "eval_ema"))
              if not complete(out / f"{stem}.json")], args.jobs, threads)

@@ -72,28 +72,38 @@ def test_trades_attack_raises_the_kl_and_stays_in_each_ball():
 
 
 def test_iaat_with_the_trades_loss_attacks_each_image_at_its_own_radius(monkeypatch):
-    """Two images, radii 0.01 and 0.3 in the memory: the KL attack gets those radii (times
-    S+), and each x'_i stays in its own ball."""
+    """Radii 0.01 and 0.3 in the memory for two images of S+, and a third image misclassified
+    (S-): the KL attack gets Alg 2's new radius of each image of S+ and 0 for S-, in eval
+    mode; each x'_i stays in its own ball; the outer loss runs in train mode."""
     cfg = iaat.make_config("digits", loss="trades", warmup=0, attack_steps=3, beta=1.0)
     model = tiny_cnn()
-    x = torch.rand(2, 1, 8, 8)
+    x = torch.rand(3, 1, 8, 8)
     with torch.no_grad():
-        y = model.eval()(x).argmax(1)  # both in S+
-    s = iaat.make_state(model, cfg, 2)
-    s.mem.copy_(torch.tensor([0.01, 0.3]))
+        y = model.eval()(x).argmax(1)
+    y[2] = (y[2] + 1) % 10  # S-
+    s = iaat.make_state(model, cfg, 3)
+    s.mem.copy_(torch.tensor([0.01, 0.3, 0.2]))
     seen = {}
-    attack = iaat.trades_attack
+    attack, loss = iaat.trades_attack, iaat.trades_loss
 
-    def spy(model, x, eps, **kw):
-        seen["eps"], seen["x_adv"] = eps.clone(), attack(model, x, eps, **kw)
+    def attack_spy(model, x, eps, **kw):
+        seen["eps"], seen["attack_training"] = eps.clone(), model.training
+        seen["x_adv"] = attack(model, x, eps, **kw)
         return seen["x_adv"]
-    monkeypatch.setattr(iaat, "trades_attack", spy)
+
+    def loss_spy(model, *a):
+        seen["loss_training"] = model.training
+        return loss(model, *a)
+    monkeypatch.setattr(iaat, "trades_attack", attack_spy)
+    monkeypatch.setattr(iaat, "trades_loss", loss_spy)
     monkeypatch.setattr(iaat, "pgd_attack", lambda *a, **k: pytest.fail("the CE attack ran"))
-    iaat.train_step(s, x, y, torch.arange(2), cfg)
-    assert seen["eps"].tolist() == pytest.approx(s.mem.tolist())  # Alg 2's new radii, per image
+    iaat.train_step(s, x, y, torch.arange(3), cfg)
+    assert seen["eps"].tolist() == pytest.approx([*s.mem[:2].tolist(), 0.0])  # Alg 2's, per image
     assert 0.0 < float(s.mem[0]) < 0.05 < 0.2 < float(s.mem[1])
+    assert (seen["attack_training"], seen["loss_training"]) == (False, True)
     dist = (seen["x_adv"] - x).abs().flatten(1).amax(1)
-    assert bool((dist <= s.mem + 1e-6).all()) and float(dist[1]) > 0.05
+    assert bool((dist[:2] <= s.mem[:2] + 1e-6).all()) and float(dist[1]) > 0.05
+    assert torch.equal(seen["x_adv"][2], x[2])  # S-: the clean image
 
 
 def test_trades_block_runs_alone():
@@ -105,7 +115,7 @@ def test_trades_block_runs_alone():
                 if s.startswith("# ---") and "end of the TRADES loss" in s)
     assert last - first < 60
     namespace = {}
-    exec(compile("import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+    exec(compile("import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"  # as the core
                  + "\n".join(lines[first:last + 1]), "pasted.py", "exec"), namespace)
     model, x, y = tiny_cnn().eval(), torch.rand(4, 1, 8, 8), torch.arange(4)
     eps = torch.tensor([0.0, 0.1, 0.2, 0.05])
@@ -129,7 +139,7 @@ def _hand_average(snapshots, decay):
     return avg
 
 
-@pytest.mark.parametrize("decay", [0.5, 0.999])
+@pytest.mark.parametrize("decay", [0.2, 0.999])  # 0.2 caps the warm-up from update 3 on
 def test_weight_average_is_the_hand_computed_average(decay):
     cfg = iaat.make_config("digits", method="at", ema=decay, attack_steps=2)
     plain_cfg = iaat.make_config("digits", method="at", attack_steps=2)
