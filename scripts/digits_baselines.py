@@ -1,7 +1,7 @@
 """The digits table of the baselines (README): clean, PGD-AT, TRADES, IAAT and IAAT with the
 TRADES loss, each with its trained weights and its weight average, over seeds.
 
-    python scripts/digits_baselines.py                  # the README's table (about 70 min, 2 cores)
+    python scripts/digits_baselines.py                  # the README's table (about an hour, 2 cores)
     python scripts/digits_baselines.py --seeds 0 --jobs 1 --out /tmp/table.md
 
 Trains every method with the digits preset and `--ema 0.999` into runs/baselines/<method>-seed<s>
