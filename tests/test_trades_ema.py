@@ -263,3 +263,37 @@ def test_nn_module_of_a_weight_average_is_a_plain_model():
     avg = iaat.weight_average(model, 0.9)
     assert isinstance(avg.module, nn.Module)
     assert avg.module.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.slow
+def test_the_baselines_table_script_end_to_end(tmp_path, capsys):
+    """scripts/digits_baselines.py on tiny runs: every run and both evaluations of each, the
+    table's rows and columns from them; a second call trains and evaluates nothing again."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("digits_baselines",
+                                                  ROOT / "scripts" / "digits_baselines.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--seeds", "0", "1", "--methods", "at", "iaat-trades", "--runs", str(tmp_path),
+            "--train-flags", "--epochs 2 --warmup 1 --n-train 128", "--eval-flags",
+            "--n-examples 10", "--out", str(tmp_path / "table.md")]
+    assert script.main(argv) == 0
+    for m in ("at", "iaat-trades"):
+        for s in (0, 1):
+            run = tmp_path / f"{m}-seed{s}"
+            assert json.loads((run / "summary.json").read_text())["ema"] == 0.999
+            for stem, weights in (("eval", "raw"), ("eval_ema", "ema")):
+                res = json.loads((run / f"{stem}.json").read_text())
+                assert res["complete"] and res["weights"] == weights and res["n_examples"] == 10
+                assert "PGD-1000x2" in res["whitebox"] and "autoattack" in res
+    table = (tmp_path / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[:2] for r in rows[1:]] == [
+        ["| PGD-AT", "trained"], ["| PGD-AT", "average"], ["| IAAT, TRADES loss", "trained"],
+        ["| IAAT, TRADES loss", "average"]]
+    assert rows[1].endswith(" 1.00 |") and "AA after APGD-T" in rows[0]
+    out = capsys.readouterr().out
+    assert out.count("ok: python iaat.py") == 4 + 8
+    assert script.main(argv) == 0  # done already: nothing runs again
+    assert "ok: python iaat.py" not in capsys.readouterr().out
+    assert (tmp_path / "table.md").read_text() == table
