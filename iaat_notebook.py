@@ -111,6 +111,16 @@ def train_or_load(cfg: Config, log: Optional[Callable[[str], None]] = None,
     return iaat.train(cfg, log or (lambda msg: None))
 
 
+def finished(argv: list) -> bool:
+    """Whether the run of `python iaat.py ARGV` finished with exactly these settings (the
+    scripts' test before they train it)."""
+    try:
+        train_or_load(iaat.config_from_args(argv), train_missing=False)
+        return True
+    except IAATError:
+        return False
+
+
 def clean_losses(model, x_uint8: torch.Tensor, y: torch.Tensor, batch: int = 500) -> np.ndarray:
     """The clean cross-entropy of `model` (eval mode) on each image, in batches: (N,)."""
     with torch.no_grad():

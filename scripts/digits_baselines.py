@@ -26,9 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import iaat  # noqa: E402
 import iaat_notebook  # noqa: E402
-import iaat_run  # noqa: E402
 from iaat_report import table_cells  # noqa: E402
 
 METHODS = {  # folder name: (label, flags of iaat.py)
@@ -77,15 +75,6 @@ def run_all(commands: list, jobs: int, threads: int) -> None:
                  f"{failed[0].stderr[-2000:]}")
 
 
-def finished(argv: list) -> bool:
-    """Whether the run of `python iaat.py ARGV` finished with exactly these settings."""
-    try:
-        iaat_notebook.train_or_load(iaat.config_from_args(argv), train_missing=False)
-        return True
-    except iaat_run.IAATError:
-        return False
-
-
 def complete(path: Path) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("complete", False)
 
@@ -119,7 +108,7 @@ def main(argv=None) -> int:
     runs = {(m, s): args.runs / f"{m}-seed{s}" for m in args.methods for s in args.seeds}
     train = [[*METHODS[m][1], "--seed", str(s), "--ema", args.ema, "--out", str(out),
               *args.train_flags.split()] for (m, s), out in runs.items()]
-    run_all([argv for argv in train if not finished(argv)], args.jobs, threads)
+    run_all([argv for argv in train if not iaat_notebook.finished(argv)], args.jobs, threads)
     run_all([["eval", str(out), *EVAL, "--weights", w, *args.eval_flags.split()]
              for out in runs.values() for w, stem in (("raw", "eval"), ("ema", "eval_ema"))
              if not complete(out / f"{stem}.json")], args.jobs, threads)

@@ -155,15 +155,6 @@ def weights(args) -> tuple:
     return (("raw", "eval"), ("ema", "eval_ema")) if args.ema else (("raw", "eval"),)
 
 
-def finished(argv: list) -> bool:
-    """Whether the run of `python iaat.py ARGV` finished with exactly these settings."""
-    try:
-        iaat_notebook.train_or_load(iaat.config_from_args(argv), train_missing=False)
-        return True
-    except iaat_run.IAATError:
-        return False
-
-
 def eval_argv(args, method: str, weights: str = "raw", stem: str = "eval") -> list:
     run, surrogate = run_dir(args, method, 0), run_dir(args, method, 1)
     parts = "whitebox,transfer,autoattack" + (",corruptions" if args.corruptions else "")
@@ -282,7 +273,7 @@ def main(argv=None, log=print) -> int:
     for method in METHODS:
         for seed in SEEDS:
             argv = train_argv(args, method, seed)
-            stage(argv, finished(argv), log)
+            stage(argv, iaat_notebook.finished(argv), log)
     results = {}
     for method in METHODS:
         for which, stem in weights(args):
