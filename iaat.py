@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from iaat_fp16 import fp16_input_grad
 from iaat_plot import plot_run
 from iaat_run import (TORCH_THREADS, CLIParser, Dist, IAATError, add_dataclass_flags, agreement,
-                      all_sum, any_process, best_row, current_dist, dataclass_values, keep_best,
-                      local_rank_zero_first, open_folder, open_run, pick_device, process_group,
-                      reduce_and_check_totals, restore, save_checkpoint, set_threads,
-                      sigterm_flag, stopped, write_eps_history, write_json, write_metrics)
+                      all_sum, any_process, best_row, current_dist, dataclass_values, exit_process,
+                      keep_best, local_rank_zero_first, open_folder, open_run, pick_device,
+                      process_group, reduce_and_check_totals, restore, save_checkpoint,
+                      set_threads, sigterm_flag, stopped, write_eps_history, write_json,
+                      write_metrics)
 
 PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
 
@@ -1089,4 +1090,4 @@ def main(argv=None) -> int:
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

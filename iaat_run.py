@@ -1,6 +1,7 @@
 """The run machinery behind iaat.py, which nothing of the algorithm depends on:
 
-- torchrun's process group: join it, leave it together, this process's rank, collectives;
+- torchrun's process group: join it, leave it together, this process's rank, collectives,
+  and the process's exit;
 - the run folder's files: writes that survive a kill at any moment, the lock that keeps two
   trainings out of one folder, the metrics and eps-history files, checkpoints read back
   (weights_only) and checked, what a resume needs saved and restored, the best checkpoint;
@@ -18,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -194,6 +196,20 @@ def process_group(device: torch.device):
     finally:
         if joined:
             tdist.destroy_process_group()
+
+
+def exit_process(code: int):
+    """End the process with `code` (a script's last call). A process that torchrun started
+    with others ends with os._exit once stdout and stderr are flushed, skipping the
+    interpreter's finalization: DistributedDataParallel keeps gloo's process group and its
+    threads alive past destroy_process_group, and a process whose C++ threads still ran while
+    the interpreter tore itself down could abort after a run that succeeded (SIGABRT,
+    "terminate called without an active exception"). Every file is closed by then."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _all_past_the_barrier(timeout: float = 60.0) -> None:

@@ -386,4 +386,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    iaat_run.exit_process(main())

@@ -1,11 +1,13 @@
 """Bad input gets a one-line error and a non-zero exit, and nothing already written is lost
 (docs/design.md, Reliability). Everything runs the real CLI in a subprocess."""
+import os
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 import iaat_notebook
 import iaat_run
 
@@ -178,3 +180,19 @@ def test_command_line_rebuilds_the_config(dataset, model, overrides):
     assert cmd.startswith(f"python iaat.py --dataset {dataset} ")
     assert ("--model" in cmd) == (model is not None)
     assert iaat.config_from_args(cmd.split()[2:]) == cfg
+
+
+@pytest.mark.parametrize("world,finalized", [("2", False), ("1", True)])
+def test_a_torchrun_process_ends_without_finalization_and_loses_no_output(world, finalized):
+    """exit_process: under torchrun with other processes (WORLD_SIZE > 1) the exit skips the
+    interpreter's teardown, where gloo threads that DistributedDataParallel keeps alive could
+    abort the process; what the process printed still arrives, and the code is kept."""
+    code = ("import atexit, sys, iaat_run; atexit.register(lambda: print('finalized')); "
+            "print('printed', end=''); print('to stderr', file=sys.stderr, end=''); "
+            "iaat_run.exit_process(3)")
+    env = dict(os.environ, WORLD_SIZE=world, PYTHONUNBUFFERED="0")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 3
+    assert r.stdout.startswith("printed") and r.stderr == "to stderr"
+    assert ("finalized" in r.stdout) == finalized

@@ -23,7 +23,8 @@ UPDATES = 6 - 2  # Alg 2 updates of every sample: once per epoch after warmup
 def torchrun(*args, nproc=2, extra=(), timeout=600, wait=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", *extra, str(ROOT / "iaat.py"), *map(str, args)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               PYTHONFAULTHANDLER="1")  # a process that aborts prints its threads' stacks
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=env)
