@@ -330,8 +330,10 @@ def error_rate(c: ImageNetConfig, model, device, folder: Path, tf, d) -> float:
 
 
 def evaluate_run(c: ImageNetConfig, log=print) -> dict:
-    """Load the run's checkpoint into a fresh model and write eval.json beside it. The
-    architecture comes from the checkpoint: --evaluate-only needs only --data and --out."""
+    """Load the run's checkpoint into a fresh model and write eval.json beside it; for a run
+    trained with --ema, evaluate its weight average too, into eval_ema.json. The architecture
+    comes from the checkpoint: --evaluate-only needs only --data and --out. Returns the
+    trained weights' result."""
     d = iaat_run.current_dist()
     out = run_folder(c)
     if not (out / "checkpoint.pt").is_file():
@@ -342,14 +344,21 @@ def evaluate_run(c: ImageNetConfig, log=print) -> dict:
     if arch not in ARCHS or "1.fc.weight" not in state:
         raise IAATError(f"{out / 'checkpoint.pt'} is not an imagenet/train.py checkpoint")
     model = build_model(arch, state["1.fc.weight"].shape[0]).to(device).eval()
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise IAATError(f"checkpoint does not fit {arch}: {str(err).splitlines()[0]}") from None
-    result = evaluate(c, model, device, log) | {"epoch": ckpt["epoch"]}
-    if d.main:
-        iaat_run.write_json(out / "eval.json", result)
-    return result
+    results = {}
+    for weights, key, name in (("raw", "model", "eval.json"), ("ema", "ema", "eval_ema.json")):
+        if key not in ckpt:
+            continue
+        try:
+            model.load_state_dict(ckpt[key])
+        except RuntimeError as err:
+            raise IAATError(f"checkpoint does not fit {arch}: {str(err).splitlines()[0]}") from None
+        if weights == "ema":
+            log("evaluating the weight average (--ema)")
+        results[weights] = evaluate(c, model, device, log) | {"epoch": ckpt["epoch"],
+                                                              "weights": weights}
+        if d.main:
+            iaat_run.write_json(out / name, results[weights])
+    return results["raw"]
 
 
 # ============================================================================================

@@ -282,3 +282,26 @@ def test_resuming_with_another_number_of_processes_is_refused(two, imagenet):
     assert r.returncode == 1
     assert "written by 2 processes, this run has 1" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_weight_average_is_evaluated_into_its_own_file(imagenet, tmp_path, monkeypatch):
+    """--ema: eval.json is the trained weights', eval_ema.json the checkpoint's average (the
+    model the second evaluation sees holds exactly the saved average)."""
+    out = tmp_path / "run"
+    r = run("--data", imagenet, *TINY, "--ema", "0.5", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    raw, ema = (json.loads((out / name).read_text()) for name in ("eval.json", "eval_ema.json"))
+    assert (raw["weights"], ema["weights"]) == ("raw", "ema")
+    assert set(raw) == set(ema) and ema["epoch"] == 2 and ema["images"] == raw["images"]
+    script, seen = load_script(), []
+    monkeypatch.setattr(script, "evaluate", lambda c, model, device, log: seen.append(
+        {k: v.clone() for k, v in model.state_dict().items()}) or {})
+    c = script.config_from_args(["--data", str(imagenet), "--out", str(out), "--evaluate-only",
+                                 "--device", "cpu"])
+    script.evaluate_run(c, log=lambda msg: None)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert len(seen) == 2
+    for state, key in zip(seen, ("model", "ema")):
+        assert all(torch.equal(state[k], v) for k, v in ckpt[key].items())
+    assert any(not torch.equal(v, ckpt["ema"][k]) for k, v in ckpt["model"].items())
