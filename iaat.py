@@ -601,10 +601,11 @@ def trades_kl(logits_adv: torch.Tensor, logits_clean: torch.Tensor) -> torch.Ten
 
 def trades_attack(model: nn.Module, x: torch.Tensor, eps, *, steps: int = 10,
                   step_size=2 / 255) -> torch.Tensor:
-    """TRADES' inner maximisation: PGD on trades_kl from x + 0.001 N(0, I), each x'_i in [0,1]
-    and within eps_i of x_i (eps, step_size: floats, (B,) tensors, or a rule of eps for the
-    step); eps_i = 0 returns x_i. Call it in eval mode, as trades.py does; the clean prediction
-    is computed once (trades.py recomputes it every step: the same in eval mode)."""
+    """TRADES' inner maximisation, as trades.py: from x + 0.001 N(0, I) (not projected before
+    the first step), sign steps on trades_kl, each followed by the projection to [0,1] and
+    within eps_i of x_i (eps, step_size: floats, (B,) tensors, or a rule of eps for the step);
+    eps_i = 0 returns x_i. Call it in eval mode, as trades.py does; the clean prediction is
+    computed once (trades.py recomputes it every step: the same in eval mode)."""
     x = x.detach()
     col = lambda v: torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(len(x)).view(
         -1, *([1] * (x.dim() - 1)))
@@ -613,19 +614,23 @@ def trades_attack(model: nn.Module, x: torch.Tensor, eps, *, steps: int = 10,
     lo, hi = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
     with torch.no_grad():
         logits_clean = model(x)
-    x_adv = torch.min(torch.max(x + 0.001 * torch.randn_like(x), lo), hi)
+    x_adv = x + 0.001 * torch.randn_like(x)
     for _ in range(steps):
         with torch.enable_grad():
             x_adv.requires_grad_(True)
             grad, = torch.autograd.grad(trades_kl(model(x_adv), logits_clean), x_adv)
         x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), lo), hi)
-    return x_adv
+    return torch.min(torch.max(x_adv, lo), hi)  # a no-op after a step; steps = 0 projects too
 
 def trades_loss(model: nn.Module, x, x_adv, y, beta: float = 6.0) -> tuple:
     """TRADES' outer loss, in train mode: CE(f(x), y) + beta * KL(p(x) || p(x')) / B (the
     `batchmean` reduction); the gradient flows through both predictions, as in trades.py.
-    Returns (loss, logits of x_adv)."""
+    trades.py passes x through the model twice, for each term; in train mode both give the
+    same logits, so the second pass runs without a graph, for its BatchNorm statistics only
+    (in trades.py's order: x, x', x). Returns (loss, logits of x_adv)."""
     logits, logits_adv = model(x), model(x_adv)
+    with torch.no_grad():
+        model(x)
     return (F.cross_entropy(logits.float(), y) + beta * trades_kl(logits_adv, logits) / len(x),
             logits_adv)
 

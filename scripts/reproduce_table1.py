@@ -5,8 +5,9 @@
     bash scripts/reproduce_table1.sh cifar100 resnet18 --estimate   # the expected time only
 
 1. Train clean, PGD-AT, TRADES, IAAT and IAAT with the TRADES loss with the paper's settings
-   (the iaat.py presets, Table 10; TRADES' beta 6), seeds 0 and 1. Seed 1 is the
-   independently trained copy whose attacks transfer to seed 0. With --ema DECAY every run also
+   (the iaat.py presets, Table 10; TRADES with trades.py's beta 6, radius 0.031 and step
+   0.007), seeds 0 and 1. Seed 1 is the independently trained copy whose attacks transfer to
+   seed 0. With --ema DECAY every run also
    keeps a weight average (into folders ending in -ema<DECAY>).
 2. Evaluate each seed-0 run on the whole test set: natural, PGD-10x5, PGD-100x5, PGD-1000x2,
    the transfer PGD-1000x2 from seed 1, standard AutoAttack, and with --corruptions the
@@ -39,7 +40,9 @@ import iaat_notebook  # noqa: E402
 import iaat_run  # noqa: E402
 
 METHODS = ("clean", "at", "trades", "iaat", "iaat-trades")
-FLAGS = {"clean": ["--method", "clean"], "at": ["--method", "at"], "trades": ["--method", "trades"],
+# TRADES runs at trades.py's CIFAR radius and step (0.031, 0.007); the other rows at the paper's
+FLAGS = {"clean": ["--method", "clean"], "at": ["--method", "at"],
+         "trades": ["--method", "trades", "--eps-w", "7.905", "--step-size", "1.785"],
          "iaat": ["--method", "iaat"], "iaat-trades": ["--method", "iaat", "--loss", "trades"]}
 SEEDS = (0, 1)  # seed 1: the transfer attack's source
 PAPER_COLUMNS = ("natural", "PGD-10x5", "PGD-100x5", "PGD-1000x2", "transfer", "corruptions")
@@ -71,10 +74,11 @@ SET_HERE = {"train": ("--dataset", "--model", "--method", "--loss", "--seed", "-
 # without, as in benchmarks/bench.py): a clean step 3; a PGD-10 AT step 10 x 2 + 3 = 23. IAAT
 # adds Alg 2's selection attacks: 1.57-1.76x PGD-AT's epoch time in benchmarks/bench.py (CPU,
 # digits), so 1.7x. A TRADES step: the clean prediction 1, the KL attack 10 x 2, two forwards
-# and their backward 6, so 27; IAAT's selection (0.7 x 23) on top for IAAT with it.
+# and their backward 6, the clean batch's second pass (BatchNorm statistics) 1, so 28; IAAT's
+# selection (0.7 x 23) on top for IAAT with it.
 # Evaluation per test image: PGD-10x5 100, PGD-100x5 1,000, PGD-1000x2 4,000,
 # the transfer attack 4,000 on the surrogate, AutoAttack about 4,700 (iaat_eval's estimate).
-PASSES = {"clean": 3, "at": 23, "trades": 27, "iaat": 23 * 1.7, "iaat-trades": 27 + 23 * 0.7}
+PASSES = {"clean": 3, "at": 23, "trades": 28, "iaat": 23 * 1.7, "iaat-trades": 28 + 23 * 0.7}
 EVAL_PASSES = 100 + 1_000 + 4_000 + 4_000 + 4_700
 H100_TF32 = 495e12  # dense TF32 FLOP/s (fp32 convolutions run as TF32 in torch by default)
 # assumed share of that peak: small 32x32 convolutions at batch 128 use little of a big GPU

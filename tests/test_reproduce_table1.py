@@ -139,7 +139,7 @@ def test_the_estimate_uses_measured_throughput_where_there_is_one(tmp_path, monk
     images = 50_000 * 200 * 2
     measured_h = (images / 1000 + images / 2000) / 3600
     flops = reproduce.forward_flops("resnet18", "cifar10")
-    rest = images * (3 + 27 + 27 + 23 * 0.7) * flops + 5 * 10_000 * reproduce.EVAL_PASSES * flops
+    rest = images * (3 + 28 + 28 + 23 * 0.7) * flops + 5 * 10_000 * reproduce.EVAL_PASSES * flops
     assert hours == pytest.approx(measured_h + rest / (0.10 * reproduce.H100_TF32) / 3600)
     low = float(text.split(" h at ")[0].split(", ")[-1].split("-")[0])
     assert low == pytest.approx(measured_h + rest / (0.20 * reproduce.H100_TF32) / 3600, abs=0.5)

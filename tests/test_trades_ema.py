@@ -52,6 +52,59 @@ def test_trades_loss_is_the_formula_by_hand():
     assert any(not torch.allclose(g, p.grad) for g, p in zip(grads, model.parameters()))
 
 
+def _trades_py(model, x_natural, y, step_size, epsilon, perturb_steps, beta):
+    """trades.py's trades_loss (yaodongyu/TRADES, distance 'l_inf'), line for line, with the
+    noise drawn on the CPU instead of .cuda() and the deprecated size_average spelt out.
+    Returns (loss, x_adv)."""
+    criterion_kl = nn.KLDivLoss(reduction="sum")
+    model.eval()
+    batch_size = len(x_natural)
+    x_adv = x_natural.detach() + 0.001 * torch.randn(x_natural.shape).detach()
+    for _ in range(perturb_steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss_kl = criterion_kl(F.log_softmax(model(x_adv), dim=1),
+                                   F.softmax(model(x_natural), dim=1))
+        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x_natural - epsilon), x_natural + epsilon)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    model.train()
+    x_adv = torch.clamp(x_adv, 0.0, 1.0).detach()
+    logits = model(x_natural)
+    loss_natural = F.cross_entropy(logits, y)
+    loss_robust = (1.0 / batch_size) * criterion_kl(F.log_softmax(model(x_adv), dim=1),
+                                                    F.softmax(model(x_natural), dim=1))
+    return loss_natural + beta * loss_robust, x_adv
+
+
+@pytest.mark.parametrize("steps", [0, 1, 10])
+def test_trades_matches_trades_py(steps):
+    """The attack in eval mode, then the loss in train mode, as the training step calls them,
+    against trades.py run from the same seed: the same adversarial images (its unprojected
+    start included), loss, gradient and BatchNorm running statistics."""
+    model, x, y = tiny_cnn(), torch.rand(16, 1, 8, 8), torch.arange(16) % 10
+    x[:4] = x[:4].round()  # pixels at 0 and 1, where the unprojected start leaves [0,1]
+    ref, tracked = copy.deepcopy(model), int(model[1].num_batches_tracked)
+    torch.manual_seed(7)
+    want, want_adv = _trades_py(ref, x, y, step_size=0.007, epsilon=0.031, perturb_steps=steps,
+                                beta=6.0)
+    want.backward()
+    torch.manual_seed(7)
+    x_adv = iaat.trades_attack(model.eval(), x, 0.031, steps=steps, step_size=0.007)
+    loss, _ = iaat.trades_loss(model.train(), x, x_adv, y, beta=6.0)
+    loss.backward()
+    torch.testing.assert_close(x_adv, want_adv, rtol=0, atol=0)
+    torch.testing.assert_close(loss, want)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    bn, bn_ref = model[1], ref[1]
+    assert int(bn.num_batches_tracked) == int(bn_ref.num_batches_tracked) == tracked + 3  # x, x', x
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean)
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var)
+    assert float(loss.detach() - F.cross_entropy(model(x), y)) > 1e-6  # the KL term counts
+
+
 def test_trades_attack_raises_the_kl_and_stays_in_each_ball():
     torch.manual_seed(1)
     model = tiny_cnn().eval()
