@@ -352,7 +352,7 @@ def evaluate_run(c: ImageNetConfig, log=print) -> dict:
             model.load_state_dict(ckpt[key])
         except RuntimeError as err:
             raise IAATError(f"checkpoint does not fit {arch}: {str(err).splitlines()[0]}") from None
-        if weights == "ema":
+        if weights == "ema" and d.main:
             log("evaluating the weight average (--ema)")
         results[weights] = evaluate(c, model, device, log) | {"epoch": ckpt["epoch"],
                                                               "weights": weights}
