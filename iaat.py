@@ -40,9 +40,8 @@ from iaat_plot import plot_run
 from iaat_run import (TORCH_THREADS, CLIParser, Dist, IAATError, add_dataclass_flags, agreement,
                       all_sum, any_process, best_row, current_dist, dataclass_values, exit_process,
                       keep_best, local_rank_zero_first, open_folder, open_run, pick_device,
-                      process_group, reduce_and_check_totals, restore, save_checkpoint,
-                      set_threads, sigterm_flag, stopped, write_eps_history, write_json,
-                      write_metrics)
+                      process_group, reduce_and_check_totals, restore, save_checkpoint, set_threads,
+                      sigterm_flag, stopped, write_eps_history, write_json, write_metrics)
 
 PIXEL = 255.0  # the CLI's unit: --eps-w 8 means 8/255
 
@@ -156,6 +155,9 @@ CHOICES = {"dataset": ("digits", "cifar10", "cifar100"), "model": ("smallcnn", "
 
 def uses_trades(cfg: Config) -> bool:
     return cfg.method == "trades" or cfg.loss == "trades"
+
+def loss_name(cfg: Config) -> str:
+    return "trades" if uses_trades(cfg) else "ce"
 
 def make_config(dataset: str = "digits", model: Optional[str] = None, **overrides) -> Config:
     """Config for a dataset and model: dataclass defaults < paper preset < explicit overrides."""
@@ -1029,7 +1031,7 @@ def finish(cfg: Config, s: TrainState, data: Data, out: Path, rows: list, log) -
                         f"(updates per image {int(s.visits.min())}-{int(s.visits.max())}, "
                         f"expected {expected})")
     summary = {"run": str(out), "dataset": cfg.dataset, "model": cfg.model, "method": cfg.method,
-               "loss": "trades" if uses_trades(cfg) else "ce", "ema": cfg.ema, "seed": cfg.seed,
+               "loss": loss_name(cfg), "ema": cfg.ema, "seed": cfg.seed,
                "epochs": cfg.epochs, "natural_acc": acc["clean"],
                "pgd_acc": acc["robust"], "pgd": f"PGD-{cfg.eval_steps}",
                "eps_test_255": cfg.eps_test * PIXEL,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from iaat import (PIXEL, Config, Step, ball, build_model, clean_correct, input_grad, load_data,
                   model_mode, per_sample, pgd_attack, pgd_fooled, step_per_sample, to_float,
-                  uniform_start, uses_trades)
+                  uniform_start, loss_name)
 from iaat_autoattack import (AUTOATTACK_BATCH, AUTOATTACK_PARTS, AUTOATTACK_STAGES,
                              autoattack_correct)
 from iaat_report import (eval_table, flag_notes, model_info, pgd_name, plot_sweeps, sanity_flags,
@@ -558,7 +558,7 @@ def evaluate_run(run, *, surrogate=None, corruptions=None, name: Optional[str] =
         print(f"iaat eval: note: {run} has not finished training: a later epoch may still "
               "replace its best.pt", file=sys.stderr)
     which = "" if checkpoint == "last" else f" (best: epoch {ckpt['epoch']})"
-    loss = "trades" if uses_trades(cfg) else "ce"
+    loss = loss_name(cfg)
     tags = ("-trades" if cfg.method == "iaat" and loss == "trades" else "") + \
         (" (weight average)" if weights == "ema" else "")
     head = {"label": f"{cfg.dataset} {cfg.model} {cfg.method}{tags} seed {cfg.seed}{which}",

@@ -130,10 +130,15 @@ def current_dist() -> Dist:
     return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def launched_with_others() -> bool:
+    """Whether torchrun started this process with others (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def pick_device(name: str, local_rank: Optional[int] = None) -> torch.device:
     """auto: this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
     if local_rank is None:  # torchrun's, when it started more than one process
-        local_rank = int(os.environ.get("LOCAL_RANK", 0)) if int(os.environ.get("WORLD_SIZE", 1)) > 1 else 0
+        local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched_with_others() else 0
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -148,7 +153,7 @@ def init_distributed(device: torch.device) -> bool:
     """Join the process group when torchrun started us with more than one process (it sets
     RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous variables): nccl for a GPU `device` (this
     process's), gloo for the CPU. Returns whether it joined."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or tdist.is_initialized():
+    if not launched_with_others() or tdist.is_initialized():
         return False
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -205,7 +210,7 @@ def exit_process(code: int):
     threads alive past destroy_process_group, and a process whose C++ threads still ran while
     the interpreter tore itself down could abort after a run that succeeded (SIGABRT,
     "terminate called without an active exception"). Every file is closed by then."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_with_others():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
